@@ -1,0 +1,52 @@
+"""`mnist-edge` / `mnist-dist predict`: classify digit images with an exported model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from mnist_edge import inputs
+from mnist_edge.errors import EdgeError
+from mnist_edge.runtime import Classifier
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="export directory (uses model.onnx) or a .onnx file")
+    parser.add_argument("--int8", action="store_true", help="with an export directory, use model.int8.onnx")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="PNG/JPEG images, .npy arrays or IDX image files")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.inputs:
+        raise EdgeError("no inputs given. Fix: pass one or more PNG/JPEG, .npy or IDX files after the options.")
+    named = [item for path in args.inputs for item in inputs.load(path)]
+    classifier = Classifier(args.model, int8=args.int8, threads=args.threads)
+    labels, probs = classifier.predict(np.stack([image for _, image in named]))
+    results = [{"input": name, "label": int(label), "probability": round(float(p[label]), 6),
+                "probabilities": [round(float(x), 6) for x in p]}
+               for (name, _), label, p in zip(named, labels, probs)]
+    if args.json:
+        print(json.dumps({"model": str(classifier.path), "predictions": results}, indent=2))
+    else:
+        for r in results:
+            print(f"{r['input']}: {r['label']} (p={r['probability']:.3f})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="mnist-edge", description=__doc__))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except EdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

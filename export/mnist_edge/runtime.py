@@ -1,0 +1,74 @@
+"""Run an exported model with ONNX Runtime. Reads the normalisation from the model's
+metadata, so the runtime never carries a copy of the training constants."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mnist_edge.errors import EdgeError
+
+# Metadata keys written by `mnist-dist export` (see README: export/report.json schema).
+META_NORMALIZATION = "mnist_dist.normalization"
+META_LABELS = "mnist_dist.labels"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+
+
+def resolve_model(path: str | Path, int8: bool = False) -> Path:
+    """A .onnx file, or an export directory (its model.onnx, or model.int8.onnx with int8)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / (INT8_FILE if int8 else FP32_FILE)
+    if not path.is_file():
+        raise EdgeError(f"{path}: model file not found. Fix: pass an export directory made by `mnist-dist export`, or a .onnx file.")
+    return path
+
+
+class Classifier:
+    def __init__(self, model: str | Path, int8: bool = False, threads: int = 1):
+        import onnxruntime as ort
+
+        self.path = resolve_model(model, int8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own opaque types for bad files
+            raise EdgeError(f"{self.path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]}). "
+                            "Fix: re-export it with `mnist-dist export`.") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [key for key in (META_NORMALIZATION, META_LABELS) if key not in meta]
+        if missing:
+            raise EdgeError(f"{self.path}: model lacks the metadata {missing} that says how to scale pixels. "
+                            "Fix: use a model written by `mnist-dist export`, which records it.")
+        norm = json.loads(meta[META_NORMALIZATION])
+        self.offset, self.scale = float(norm["offset"]), float(norm["scale"])
+        self.labels = json.loads(meta[META_LABELS])
+        self.metadata = dict(meta)
+        (self.input,) = self.session.get_inputs()
+        self.input_name = self.input.name
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, 28, 28) white-on-black -> the model's float32 (N, 28, 28, 1) input."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:
+            raise EdgeError(f"pixels must be uint8 0-255, got {pixels.dtype}. Fix: convert with np.clip(a, 0, 255).astype(np.uint8).")
+        if pixels.ndim != 3 or pixels.shape[1:] != (28, 28):
+            raise EdgeError(f"pixels must have shape (N, 28, 28), got {pixels.shape}.")
+        return ((pixels.astype(np.float32) - self.offset) / self.scale)[..., None]
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 0:
+            raise EdgeError("no images to classify. Fix: pass at least one input.")
+        return self.session.run(None, {self.input_name: self.normalize(pixels)})[0]
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels (N,), probabilities (N, 10)) for uint8 images (N, 28, 28)."""
+        logits = self.logits(pixels).astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        return probs.argmax(axis=1), probs

@@ -1,0 +1,197 @@
+"""`mnist-dist`: a thin command line over the library. Heavy imports happen inside commands,
+so `mnist-dist predict` works on an edge install without TensorFlow or Ray."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class UserError(Exception):
+    """Raised for input the user can fix; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from mnist_edge.errors import EdgeError
+
+    errors: list[type[BaseException]] = [UserError, EdgeError]
+    for module, name in (("mnist_dist.data", "DataError"), ("mnist_dist.config", "ConfigError"),
+                         ("mnist_dist.checkpoint", "CheckpointError"), ("mnist_dist.export", "ExportError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+# ---------------------------------------------------------------- data
+def cmd_data(args: argparse.Namespace) -> int:
+    from mnist_dist import data
+
+    if args.action == "verify":
+        for line in data.verify_dir(args.data_dir):
+            print(line)
+    elif args.action == "download":
+        directory = data.resolve_dir(None, download=True)
+        for line in data.verify_dir(directory):
+            print(line)
+    return 0
+
+
+# ---------------------------------------------------------------- train
+TRAIN_OPTIONS = {
+    # flag: (config field, type, help)
+    "--model": ("model", str, "tf-tutorial | lenet5 | cnn-bn"),
+    "--epochs": ("epochs", int, "epochs to train"),
+    "--batch-size": ("batch_size", int, "per-worker batch; global batch = batch-size x workers"),
+    "--optimizer": ("optimizer", str, "sgd (momentum 0.9) | adam"),
+    "--lr": ("learning_rate", float, "initial learning rate"),
+    "--lr-decay": ("lr_decay", float, "learning-rate factor per epoch (staircase)"),
+    "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits)"),
+    "--seed": ("seed", int, "shuffling and initialisation seed"),
+    "--eval-every": ("eval_every", int, "steps between progress lines"),
+    "--data-dir": ("data_dir", str, "folder with the MNIST IDX files (else $MNIST_DATA_DIR, else the cache)"),
+    "--val-size": ("val_size", int, "first N training images held out for validation (default 5000)"),
+    "--train-limit": ("train_limit", int, "train on the first N remaining images only"),
+    "--workers": ("workers", int, "Ray Train workers (default 2)"),
+    "--cpus-per-worker": ("cpus_per_worker", int, "CPUs per worker; also sizes its thread pools"),
+    "--gpus-per-worker": ("gpus_per_worker", int, "GPUs per worker (NCCL all-reduce when > 0)"),
+    "--address": ("address", str, "Ray cluster: auto | ray://host:10001 (default: embedded local Ray)"),
+    "--storage": ("storage", str, "run storage: local path, NFS mount or s3:// / gs:// URI (default ./runs)"),
+    "--name": ("name", str, "run name; re-use it to resume an interrupted run"),
+    "--max-failures": ("max_failures", int, "worker-group restarts from the latest checkpoint (-1: unlimited)"),
+    "--keep": ("keep_checkpoints", int, "checkpoints kept, best by validation accuracy (default 3)"),
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", help="default | best | smoke (options below override it)")
+    for flag, (_field, kind, help_text) in TRAIN_OPTIONS.items():
+        parser.add_argument(flag, type=kind, default=None, help=help_text)
+    parser.add_argument("--augment", action="store_true", default=None, help="shift training images by up to 2 px")
+    parser.add_argument("--synthetic", action="store_true", default=None, help="fake learnable digits instead of MNIST")
+    parser.add_argument("--in-process", action="store_true",
+                        help="one process, no Ray (the default strategy); checkpoints in --storage/--name")
+
+
+def config_from_args(args: argparse.Namespace):
+    from mnist_dist.config import preset
+
+    overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, (field, _k, _h) in TRAIN_OPTIONS.items()}
+    overrides.update(augment=args.augment, synthetic=args.synthetic)
+    if args.in_process:
+        overrides["workers"] = 1
+    return preset(args.preset, **overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = run_training(config, in_process=args.in_process)
+    print(json.dumps({k: result[k] for k in ("best_epoch", "best_val_accuracy", "test_accuracy", "best_checkpoint")}))
+    return 0
+
+
+def run_training(config, in_process: bool = False) -> dict:
+    from mnist_dist import data
+
+    if not config.synthetic:
+        data.verify_dir(config.data_dir)  # bad data fails here, before any worker starts
+    if in_process:
+        from mnist_dist.local import train_in_process
+        return train_in_process(config)
+    from mnist_dist.launcher import train
+    return train(config)
+
+
+# ---------------------------------------------------------------- export / predict
+def cmd_export(args: argparse.Namespace) -> int:
+    from mnist_dist.export import export
+
+    report = export(run=args.run, checkpoint=args.checkpoint, out=args.out, opset=args.opset,
+                    tolerance=args.tolerance, max_int8_drop_pp=args.max_int8_drop, force=args.force,
+                    calibration_images=args.calibration_images)
+    return 0 if report["verified"] else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mnist_edge.cli import run
+
+    return run(args)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """train, then export the best checkpoint: what `ray job submit` and the RayJob run."""
+    from mnist_dist.export import export
+
+    config = config_from_args(args)
+    result = run_training(config, in_process=args.in_process)
+    out = args.export_dir or f"{result['run_dir']}/export"
+    report = export(run=result["run_dir"], out=out, force=args.force)
+    return 0 if report["verified"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-dist", description="Distributed MNIST: train on Ray, export verified ONNX, run on the edge.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="verify or download the MNIST files")
+    p.add_argument("action", choices=["verify", "download"])
+    p.add_argument("--data-dir", default=None, help="folder to check (default: $MNIST_DATA_DIR, then the cache)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train on Ray Train workers (or --in-process)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="best checkpoint -> verified model.onnx + model.int8.onnx")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (uses the best checkpoint by validation accuracy)")
+    src.add_argument("--checkpoint", help="a checkpoint directory")
+    p.add_argument("--out", default=None, help="export directory (default RUN/export)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..18 (default 17)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| fp32 vs TensorFlow")
+    p.add_argument("--max-int8-drop", type=float, default=0.1, help="max int8 accuracy loss in percentage points")
+    p.add_argument("--calibration-images", type=int, default=1000, help="training images used to calibrate int8")
+    p.add_argument("--force", action="store_true", help="replace an existing verified export")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pipeline", help="train, then export (the Ray job / RayJob entrypoint)")
+    add_train_arguments(p)
+    p.add_argument("--export-dir", default=None, help="default RUN_DIR/export")
+    p.add_argument("--force", action="store_true", help="replace an existing verified export")
+    p.set_defaults(func=cmd_pipeline)
+
+    from mnist_edge.cli import add_arguments
+    p = add_arguments(sub.add_parser("predict", help="classify PNG/JPEG/.npy/IDX inputs with an exported model"))
+    p.set_defaults(func=cmd_predict)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules register themselves (bench, report, baseline)."""
+    import importlib
+
+    for module in ("mnist_dist.bench", "mnist_dist.report", "mnist_dist.baseline"):
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

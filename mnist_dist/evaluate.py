@@ -1,0 +1,36 @@
+"""Evaluate a checkpoint on the test set (or another split)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_dist.config import TrainConfig
+
+
+def predict_logits(model, images_uint8: np.ndarray, batch: int = 1000) -> np.ndarray:
+    from mnist_dist.data import normalize
+
+    return np.concatenate([np.asarray(model(normalize(images_uint8[i: i + batch]), training=False), dtype=np.float32)
+                           for i in range(0, len(images_uint8), batch)])
+
+
+def accuracy_and_loss(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return {"accuracy": float((logits.argmax(1) == labels).mean()),
+            "loss": float(-log_probs[np.arange(len(labels)), labels].mean())}
+
+
+def evaluate_checkpoint(directory: str | Path, config: TrainConfig | None = None,
+                        split: str = "test") -> tuple[dict[str, Any], dict[str, float]]:
+    """(checkpoint state, {"accuracy", "loss"}) on a split of the data the run was trained on."""
+    from mnist_dist.checkpoint import load_model
+    from mnist_dist.loop import load_data
+
+    model, state = load_model(directory)
+    config = config or TrainConfig.from_dict(state["config"])
+    data = load_data(config)
+    images, labels = {"test": (data.test_x, data.test_y), "val": (data.val_x, data.val_y)}[split]
+    return state, accuracy_and_loss(predict_logits(model, images), labels)

@@ -1,0 +1,139 @@
+"""Run the training loop on N Ray Train workers (TensorflowTrainer + MultiWorkerMirroredStrategy).
+
+The driver starts an embedded local Ray unless given an address (or run inside a Ray
+job), keeps the top-k checkpoints by validation accuracy with Ray's CheckpointConfig,
+and leaves best.json and result.json in the run directory (see mnist_dist.results).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from mnist_dist import results
+from mnist_dist.config import TrainConfig
+
+# Test hook: when set, each worker writes `rank<R>.pid` there so a test can kill a real worker.
+PID_DIR_ENV = "MNIST_DIST_PID_DIR"
+
+
+class RaySession:
+    """The loop's view of Ray Train: rank, restore, and report-with-checkpoint."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:  # downloads when storage is remote
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path, epoch: int) -> None:
+        import ray.train
+
+        # Ray Train V2 keeps metrics only when they come with a checkpoint, and report()
+        # is a barrier: every rank reports, each adding its files to the same folder.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
+
+
+def worker_main(config_dict: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    from mnist_dist import runtime
+
+    config = TrainConfig.from_dict(config_dict)
+    runtime.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
+    session = RaySession()
+    if os.environ.get(PID_DIR_ENV):
+        Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
+    runtime.quiet_worker_logs()
+    strategy = runtime.make_strategy(use_gpu=config.gpus_per_worker > 0)
+    from mnist_dist.loop import train
+
+    train(config, session, strategy=strategy, log=runtime.console)
+
+
+def storage_path(storage: str) -> str:
+    """Ray wants an absolute local path or a URI (s3://, gs://, NFS mount path)."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def run_dir(config: TrainConfig) -> str:
+    return f"{storage_path(config.storage).rstrip('/')}/{config.name}"
+
+
+def init_ray(config: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    env_vars = {k: v for k, v in os.environ.items() if k in ("MNIST_DATA_DIR", "MNIST_DIST_CACHE", PID_DIR_ENV)}
+    runtime_env = {"env_vars": {**env_vars, "TF_CPP_MIN_LOG_LEVEL": "2"}}
+    if address:  # an existing cluster: `auto`, `ray://host:10001`, or the job's own cluster
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # The dashboard process also serves the State API that Ray Train's placement-group
+        # cleaner polls; without it the driver logs a warning every few seconds.
+        ray.init(num_cpus=max(os.cpu_count() or 1, config.workers * config.cpus_per_worker),
+                 runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
+
+
+def train(config: TrainConfig, log=print) -> dict[str, Any]:
+    """Train on Ray; returns the content of result.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from mnist_dist import runtime
+
+    config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S")).validate()
+    if config.data_dir is None and not config.synthetic and not os.environ.get("MNIST_DATA_DIR"):
+        from mnist_dist.data import resolve_dir
+        config = config.replace(data_dir=str(resolve_dir(None)))  # download once, in the driver
+    plan = runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker)
+    init_ray(config)
+    started = time.perf_counter()
+    trainer = TensorflowTrainer(
+        worker_main,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker=plan.resources_per_worker),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=storage_path(config.storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
+                                               checkpoint_score_attribute="val_accuracy",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    wall_seconds = time.perf_counter() - started
+    if not result.best_checkpoints:
+        raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run_dir(config)})")
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
+    history = state_history(result)
+    with best_checkpoint.as_directory() as directory:
+        return results.finish(config, run_dir(config), best_checkpoint.path, best_metrics, result.metrics, history,
+                              wall_seconds, log, eval_dir=directory)
+
+
+def state_history(result) -> list[dict[str, Any]]:
+    """Per-epoch metrics, read from the latest checkpoint's state (it carries the whole history)."""
+    from mnist_dist.checkpoint import load_state
+
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as directory:
+        return load_state(directory).get("history", [])

@@ -1,0 +1,24 @@
+"""Training in this process, without Ray: the default strategy, checkpoints in a folder."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mnist_dist.config import TrainConfig
+
+
+def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
+    from mnist_dist import results, runtime
+    from mnist_dist.launcher import run_dir as run_dir_of
+    from mnist_dist.loop import DirectorySession, train
+
+    config = config.replace(workers=1, name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S")).validate()
+    runtime.configure_process(config.cpus_per_worker, use_gpu=False)
+    run_dir = run_dir_of(config)
+    session = DirectorySession(run_dir)
+    started = time.perf_counter()
+    final = train(config, session, log=log)
+    history = final["history"]
+    best = max(history, key=lambda m: m["val_accuracy"])
+    best_dir = f"{run_dir}/checkpoint_epoch{best['epoch']:03d}"
+    return results.finish(config, run_dir, best_dir, best, history[-1], history, time.perf_counter() - started, log)

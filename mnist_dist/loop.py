@@ -1,0 +1,246 @@
+"""The training loop, for any tf.distribute strategy.
+
+Keras 3's `model.fit` breaks under MultiWorkerMirroredStrategy (keras-team/keras#20585),
+so the step is written out: `strategy.run` computes each replica's loss averaged over
+the *global* batch, the Keras optimizer sums the replicas' gradients (an all-reduce)
+and applies the same update everywhere. Every step is synchronous.
+
+The loop talks to its surroundings through a `Session` (Ray Train, or a plain
+directory) for checkpoints and reports, so the same code runs in one process and on N
+Ray workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Protocol
+
+import numpy as np
+
+from mnist_dist import checkpoint as ckpt
+from mnist_dist.config import TrainConfig
+from mnist_dist.data import Mnist, load, synthetic
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+
+    def latest_checkpoint(self) -> ContextManager[Path | None]: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path, epoch: int) -> None: ...
+
+
+class DirectorySession:
+    """One process, no Ray: checkpoints go to `run_dir/checkpoint_epochNNN` by rename."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.reports: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        valid = []
+        for path in sorted(self.run_dir.glob("checkpoint_epoch*")):
+            with contextlib.suppress(ckpt.CheckpointError):
+                ckpt.load_state(path)
+                valid.append(path)
+        yield valid[-1] if valid else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path, epoch: int) -> None:
+        target = self.run_dir / f"checkpoint_epoch{epoch:03d}"
+        if target.exists():
+            import shutil
+            shutil.rmtree(target)
+        Path(checkpoint_dir).rename(target)
+        self.reports.append({**metrics, "checkpoint": str(target)})
+
+
+def load_data(config: TrainConfig) -> Mnist:
+    if config.synthetic:
+        return synthetic(val_size=config.val_size, seed=config.seed, train_limit=config.train_limit)
+    return load(config.data_dir, val_size=config.val_size, train_limit=config.train_limit)
+
+
+def weights_sha256(model) -> str:
+    """Digest of every weight (trainable and not) as this replica holds it."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def build_model_and_optimizer(config: TrainConfig, steps_per_epoch: int):
+    """Model and optimizer; call inside `strategy.scope()` so variables are mirrored."""
+    import keras
+
+    from mnist_dist.models import build
+
+    model = build(config.model, l2=config.l2, precision=config.precision)
+    # Counted in global steps (optimizer.iterations), so it decays once per epoch for any worker count.
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        config.learning_rate, decay_steps=steps_per_epoch, decay_rate=config.lr_decay, staircase=True)
+    if config.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(schedule)
+    else:
+        optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+    # Compiling attaches the optimizer, so `model.save` keeps its slots for resumption.
+    model.compile(optimizer=optimizer)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def make_train_step(strategy, model, optimizer, global_batch: int) -> Callable:
+    import keras
+    import tensorflow as tf
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        wrong = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) != labels, tf.float32))
+        return loss, wrong
+
+    @tf.function
+    def train_step(batch):
+        loss, wrong = strategy.run(replica_step, args=batch)
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, wrong, axis=None) / global_batch)
+
+    return train_step
+
+
+def make_evaluator(model) -> Callable[[np.ndarray, np.ndarray], tuple[float, float]]:
+    """(loss, accuracy) of the current weights on uint8 images; runs locally, no collectives."""
+    import keras
+    import tensorflow as tf
+
+    from mnist_dist.pipeline import eval_dataset
+
+    @tf.function
+    def batch_stats(images, labels):
+        logits = tf.cast(model(images, training=False), tf.float32)
+        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.float32))
+        return loss, correct
+
+    def evaluate(images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+        total_loss = total_correct = 0.0
+        for x, y in eval_dataset(images, labels):
+            loss, correct = batch_stats(x, y)
+            total_loss += float(loss)
+            total_correct += float(correct)
+        return total_loss / len(labels), total_correct / len(labels)
+
+    return evaluate
+
+
+def _distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int):
+    import tensorflow as tf
+
+    from mnist_dist.pipeline import train_dataset
+
+    def dataset_fn(ctx: tf.distribute.InputContext):
+        replicas_per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        return train_dataset(data.train_x, data.train_y, seed=config.seed, epoch=epoch, global_batch=global_batch,
+                             num_shards=ctx.num_replicas_in_sync, shard_ids=range(
+                                 ctx.input_pipeline_id * replicas_per_pipeline,
+                                 (ctx.input_pipeline_id + 1) * replicas_per_pipeline),
+                             augment=config.augment)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train to `config.epochs`, resuming from the session's latest checkpoint; returns the last metrics."""
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    data = data or load_data(config)
+    is_chief = session.rank == 0
+    say = log if is_chief else (lambda _msg: None)
+    # One replica per Ray worker; MirroredStrategy over local devices (tests) has several.
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    steps_per_epoch = len(data.train_y) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data.train_y)} training images are fewer than one global batch of {global_batch}")
+
+    with strategy.scope():
+        model, optimizer = build_model_and_optimizer(config, steps_per_epoch)
+    history: list[dict[str, Any]] = []
+    start_epoch, train_seconds = 0, 0.0
+    with session.latest_checkpoint() as restore_dir:
+        if restore_dir is not None:
+            state = ckpt.restore_into(model, restore_dir)
+            start_epoch, history, train_seconds = state["epoch"], state.get("history", []), state.get("train_seconds", 0.0)
+            say(f"resumed from {restore_dir}: epoch {start_epoch}, global step {int(optimizer.iterations.numpy())}")
+    expected_step = start_epoch * steps_per_epoch
+    if int(optimizer.iterations.numpy()) != expected_step:
+        raise RuntimeError(f"checkpoint step {int(optimizer.iterations.numpy())} does not match epoch {start_epoch} x {steps_per_epoch} steps")
+
+    if start_epoch == 0:
+        say(data.describe())
+        say(f"model {config.model}: {model.count_params():,} parameters; {session.world_size} worker(s) x batch "
+            f"{config.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch; precision {config.precision}")
+    train_step = make_train_step(strategy, model, optimizer, global_batch)
+    evaluate = make_evaluator(model)
+    metrics: dict[str, Any] = history[-1] if history else {}
+
+    for epoch in range(start_epoch, config.epochs):
+        epoch_start = interval_start = time.perf_counter()
+        eval_seconds = 0.0
+        losses = []
+        interval_steps = 0
+        for batch in _distributed_epoch(strategy, data, config, epoch, global_batch):
+            loss, error = train_step(batch)
+            losses.append(loss)
+            interval_steps += 1
+            step = int(optimizer.iterations.numpy())
+            if is_chief and (step % config.eval_every == 0):
+                elapsed = time.perf_counter() - interval_start
+                eval_start = time.perf_counter()
+                _, val_acc = evaluate(data.val_x, data.val_y)
+                eval_seconds += time.perf_counter() - eval_start
+                lr = float(optimizer.learning_rate.numpy() if hasattr(optimizer.learning_rate, "numpy") else optimizer.learning_rate)
+                say(f"step {step:6d} (epoch {step / steps_per_epoch:5.2f}) | minibatch loss {float(loss):.4f} | "
+                    f"lr {lr:.6f} | minibatch error {100 * float(error):5.2f}% | validation error {100 * (1 - val_acc):5.2f}% | "
+                    f"{1000 * elapsed / interval_steps:6.1f} ms/step | {interval_steps * global_batch / elapsed:7.0f} img/s")
+                interval_steps, interval_start = 0, time.perf_counter()
+        epoch_train_seconds = time.perf_counter() - epoch_start - eval_seconds
+        train_seconds += epoch_train_seconds
+        val_loss, val_acc = evaluate(data.val_x, data.val_y)
+        step = int(optimizer.iterations.numpy())
+        lr = float(optimizer.learning_rate.numpy() if hasattr(optimizer.learning_rate, "numpy") else optimizer.learning_rate)
+        metrics = {
+            "epoch": epoch + 1, "global_step": step, "val_accuracy": val_acc, "val_loss": val_loss,
+            "train_loss": float(np.mean([float(x) for x in losses])), "learning_rate": lr,
+            "epoch_train_seconds": epoch_train_seconds, "train_seconds": train_seconds,
+            "images_per_second": steps_per_epoch * global_batch / epoch_train_seconds,
+        }
+        history.append(metrics)
+        say(f"epoch {epoch + 1}/{config.epochs}: validation accuracy {100 * val_acc:.2f}% (loss {val_loss:.4f}), "
+            f"{epoch_train_seconds:.1f} s, {metrics['images_per_second']:.0f} img/s")
+        with tempfile.TemporaryDirectory(prefix="mnist-ckpt-") as tmp:
+            out = Path(tmp) / "checkpoint"
+            out.mkdir()
+            # Every rank leaves its own digest: the run can prove the replicas stayed identical.
+            (out / f"replica-{session.rank}.json").write_text(json.dumps({"rank": session.rank, "weights_sha256": weights_sha256(model)}))
+            if is_chief:
+                ckpt.save(out, model, {**metrics, "history": history, "config": config.to_dict(),
+                                       "data_source": data.source, "steps_per_epoch": steps_per_epoch})
+            session.report(metrics, out, epoch + 1)
+    return {**metrics, "history": history, "steps_per_epoch": steps_per_epoch}

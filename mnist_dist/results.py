@@ -1,0 +1,93 @@
+"""The two files a finished run leaves for what comes next (schema in README.md):
+
+- `best.json`: pointer to the best checkpoint by validation accuracy (read by `export --run`);
+- `result.json`: the run's outcome for pipelines and CI.
+
+Both are written whole or not at all (temp file + rename; a single put on object stores).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.config import TrainConfig
+
+BEST_FILE = "best.json"
+RESULT_FILE = "result.json"
+
+
+class RunError(Exception):
+    """A run directory that cannot be used; the message says why and what to do."""
+
+
+def write(run_dir: str, name: str, payload: dict[str, Any]) -> None:
+    from mnist_dist.checkpoint import write_json_atomic
+
+    if "://" not in run_dir:
+        write_json_atomic(Path(run_dir) / name, payload)
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{run_dir}/{name}")
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[str, Any],
+           last_metrics: dict[str, Any], history: list[dict[str, Any]], wall_seconds: float, log=print,
+           eval_dir: str | None = None) -> dict[str, Any]:
+    """Evaluate the best checkpoint on the test set and write best.json and result.json.
+
+    `best_dir` is where the checkpoint lives (maybe a bucket path); `eval_dir` a local copy.
+    """
+    from mnist_dist.evaluate import evaluate_checkpoint
+
+    state, test = evaluate_checkpoint(eval_dir or best_dir, config)
+    best = {"checkpoint": best_dir, "epoch": best_metrics["epoch"], "val_accuracy": best_metrics["val_accuracy"],
+            "global_step": best_metrics["global_step"]}
+    summary = {
+        "run_dir": run_dir,
+        "best_checkpoint": best_dir,
+        "best_epoch": best_metrics["epoch"],
+        "best_val_accuracy": best_metrics["val_accuracy"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "epochs_completed": last_metrics["epoch"],
+        "global_step": last_metrics["global_step"],
+        "workers": config.workers,
+        "global_batch_size": config.global_batch_size,
+        "train_seconds": last_metrics.get("train_seconds"),
+        "wall_seconds": wall_seconds,
+        "data_source": state.get("data_source"),
+        "history": history,
+        "config": config.to_dict(),
+    }
+    write(run_dir, BEST_FILE, best)
+    write(run_dir, RESULT_FILE, summary)
+    log(f"best epoch {best['epoch']}: validation accuracy {100 * best['val_accuracy']:.2f}%, "
+        f"test accuracy {100 * test['accuracy']:.2f}% (best of {last_metrics['epoch']} epochs, chosen on validation)")
+    log(f"best checkpoint: {best_dir}")
+    log(f"run directory: {run_dir} (result.json, best.json)")
+    return summary
+
+
+def best_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The best checkpoint of a finished run, from best.json."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: run directory does not exist. Fix: pass the --storage/--name folder of a training run.")
+    pointer = run_dir / BEST_FILE
+    if not pointer.is_file():
+        has_checkpoints = any(run_dir.glob("checkpoint_*"))
+        hint = ("it has checkpoints but the run did not finish: re-run the same `mnist-dist train` command to resume it, "
+                "or pass --checkpoint DIR") if has_checkpoints else "it holds no checkpoints: train first"
+        raise RunError(f"{run_dir}: no {BEST_FILE}; {hint}.")
+    try:
+        best = json.loads(pointer.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{pointer}: not valid JSON ({exc}).") from None
+    path = Path(best["checkpoint"])
+    if not path.is_absolute():
+        path = run_dir / path
+    return path, best

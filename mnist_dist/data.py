@@ -120,7 +120,8 @@ def download_to(directory: Path, names: list[str]) -> None:
             )
 
 
-def read_verified(directory: Path, name: str, verify: bool = True) -> np.ndarray:
+def _read(directory: Path, name: str) -> tuple[np.ndarray, Path, str]:
+    """(array, path, SHA-256 of the decompressed content); structural problems raise here."""
     path = _find_file(directory, name)
     if path is None:
         raise DataError(
@@ -129,28 +130,33 @@ def read_verified(directory: Path, name: str, verify: bool = True) -> np.ndarray
         )
     try:
         content = idx.read_bytes(path)
-        if verify:
-            digest = hashlib.sha256(content).hexdigest()
-            if digest != SHA256[name]:
-                raise DataError(
-                    f"{path}: SHA-256 of the decompressed content is {digest[:16]}..., expected {SHA256[name][:16]}...: "
-                    "the file is corrupt or not the canonical MNIST. Fix: delete it and fetch it again."
-                )
-        return idx.parse(content, str(path))
+        return idx.parse(content, str(path)), path, hashlib.sha256(content).hexdigest()
     except EdgeError as exc:
         raise DataError(str(exc)) from None
 
 
+def _check_sha256(path: Path, name: str, digest: str) -> None:
+    if digest != SHA256[name]:
+        raise DataError(
+            f"{path}: SHA-256 of the decompressed content is {digest[:16]}..., expected {SHA256[name][:16]}...: "
+            "the file is corrupt or not the canonical MNIST. Fix: delete it and fetch it again."
+        )
+
+
 def _pair(directory: Path, images: str, labels: str, verify: bool) -> tuple[np.ndarray, np.ndarray]:
-    x = read_verified(directory, FILES[images], verify)
-    y = read_verified(directory, FILES[labels], verify)
+    """Images and labels of one split: structure first, then counts, then checksums."""
+    (x, x_path, x_digest), (y, y_path, y_digest) = _read(directory, FILES[images]), _read(directory, FILES[labels])
     if x.ndim != 3 or y.ndim != 1:
-        raise DataError(f"{directory / FILES[images]}: expected images (N, 28, 28) and labels (N,), got {x.shape} and {y.shape}. Fix: fetch the files again.")
+        raise DataError(f"{x_path}: expected images (N, 28, 28) and labels (N,), got {x.shape} and {y.shape}. "
+                        "Fix: check that the images and labels files are not swapped, or fetch them again.")
     if len(x) != len(y):
         raise DataError(
-            f"{directory / FILES[images]}: {len(x)} images but {directory / FILES[labels]} has {len(y)} labels. "
+            f"{x_path}: {len(x)} images but {y_path} has {len(y)} labels. "
             "Fix: the two files must come from the same set; fetch both again."
         )
+    if verify:
+        _check_sha256(x_path, FILES[images], x_digest)
+        _check_sha256(y_path, FILES[labels], y_digest)
     return x, y.astype(np.int64)
 
 
@@ -194,14 +200,13 @@ def synthetic(n_train: int = 6000, n_test: int = 1000, val_size: int = 1000, see
 
 
 def verify_dir(data_dir: str | os.PathLike | None = None) -> list[str]:
-    """Check every file of a directory; returns one line per file. Raises DataError on the first bad one."""
+    """Check a directory's four files; one line per file. Raises DataError on the first problem."""
     directory = resolve_dir(data_dir, download=False)
     lines = [f"MNIST directory: {directory}"]
-    for key, name in FILES.items():
-        array = read_verified(directory, name)
-        path = _find_file(directory, name)
-        lines.append(f"  ok  {path.name:<28} {'x'.join(map(str, array.shape)):<12} sha256 {SHA256[name][:16]}... (decompressed)")
-    _pair(directory, "train_images", "train_labels", verify=False)
-    _pair(directory, "test_images", "test_labels", verify=False)
+    for images, labels in (("train_images", "train_labels"), ("test_images", "test_labels")):
+        x, y = _pair(directory, images, labels, verify=True)
+        for key, array in ((images, x), (labels, y)):
+            path = _find_file(directory, FILES[key])
+            lines.append(f"  ok  {path.name:<28} {'x'.join(map(str, array.shape)):<11} sha256 {SHA256[FILES[key]][:16]}... (decompressed)")
     lines.append("all 4 files present, checksums match, image and label counts agree")
     return lines

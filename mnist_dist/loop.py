@@ -148,7 +148,7 @@ def make_evaluator(model) -> Callable[[np.ndarray, np.ndarray], tuple[float, flo
     return evaluate
 
 
-def _distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int):
+def distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int):
     import tensorflow as tf
 
     from mnist_dist.pipeline import train_dataset
@@ -205,7 +205,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         eval_seconds = 0.0
         losses = []
         interval_steps = 0
-        for batch in _distributed_epoch(strategy, data, config, epoch, global_batch):
+        for batch in distributed_epoch(strategy, data, config, epoch, global_batch):
             loss, error = train_step(batch)
             losses.append(loss)
             interval_steps += 1

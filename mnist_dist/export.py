@@ -1,0 +1,265 @@
+"""`mnist-dist export`: best checkpoint -> verified fp32 and int8 ONNX models + report.
+
+Everything is written into a temporary sibling directory; only when every verification
+rule passes is it renamed to the output directory. A failed export is moved to
+`<out>.rejected` (report.json says `"verified": false`) and the command exits non-zero.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_dist import onnx_graph
+from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
+from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
+from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+SCHEMA_VERSION = 1
+
+
+class ExportError(Exception):
+    """An export that cannot be made or was refused; the message says which rule and why."""
+
+
+def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, str | None]:
+    from mnist_dist.results import RunError, best_checkpoint
+
+    if checkpoint:
+        return Path(checkpoint), None
+    try:
+        path, _best = best_checkpoint(run)
+    except RunError as exc:
+        raise ExportError(str(exc)) from None
+    return path, str(Path(run).resolve())
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory. Fix: choose another --out.")
+    report = out / REPORT_JSON
+    if report.is_file():
+        try:
+            verified = json.loads(report.read_text()).get("verified") is True
+        except json.JSONDecodeError:
+            verified = False
+        if verified and not force:
+            raise ExportError(f"{out}: holds a previous verified export. Fix: pass --force to replace it, or choose another --out.")
+    elif any(out.iterdir()) and not force:
+        raise ExportError(f"{out}: exists and holds other files. Fix: choose an empty or new --out, or pass --force.")
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, work: Path) -> None:
+    """Static QDQ int8 with ONNX Runtime's tools: pre-process, then calibrate on training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = work / "model.prep.onnx"
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 100)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {onnx_graph.INPUT_NAME: batch}
+
+    quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    prepared.unlink()
+
+
+def _compare(name: str, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, path: Path,
+             tf_accuracy: float) -> dict[str, Any]:
+    from mnist_dist.timing import latency_us, ort_session, throughput
+
+    diff = np.abs(logits - reference)
+    session = ort_session(path, threads=1)
+    one = np.zeros((1, 28, 28, 1), np.float32)
+    batch = np.zeros((256, 28, 28, 1), np.float32)
+    latency = latency_us(lambda: session.run(None, {onnx_graph.INPUT_NAME: one}))
+    return {
+        "file": path.name,
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "argmax_disagreements": int((logits.argmax(1) != reference.argmax(1)).sum()),
+        "tf_accuracy": tf_accuracy,
+        "ort_accuracy": float((logits.argmax(1) == labels).mean()),
+        "size_bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "latency_us_p50": latency["p50"],
+        "latency_us_p99": latency["p99"],
+        "throughput_b256": throughput(lambda: session.run(None, {onnx_graph.INPUT_NAME: batch}), 256, seconds=1.0),
+        "threads": 1,
+    }
+
+
+def ort_logits(path: Path, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+    from mnist_dist.timing import ort_session
+
+    session = ort_session(path, threads=os.cpu_count() or 1)
+    return np.concatenate([session.run(None, {onnx_graph.INPUT_NAME: images[i: i + batch]})[0]
+                           for i in range(0, len(images), batch)])
+
+
+def export(run: str | None = None, checkpoint: str | None = None, out: str | None = None, opset: int = 17,
+           tolerance: float = 1e-4, max_int8_drop_pp: float = 0.1, force: bool = False,
+           calibration_images: int = 1000, log=print) -> dict[str, Any]:
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.data import normalize
+    from mnist_dist.evaluate import predict_logits
+    from mnist_dist.loop import load_data
+
+    if not onnx_graph.MIN_OPSET <= opset <= onnx_graph.MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported: tf2onnx 1.17 is tested with opsets "
+                          f"{onnx_graph.MIN_OPSET}..{onnx_graph.MAX_OPSET}. Fix: pass --opset 17 (the default) or another in that range.")
+    ckpt_dir, run_dir = resolve_checkpoint(run, checkpoint)
+    out_dir = Path(out) if out else Path(run_dir or ckpt_dir.parent) / "export"
+    check_output_dir(out_dir, force)
+    try:
+        model, state = load_model(ckpt_dir)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    config = TrainConfig.from_dict(state["config"])
+    data = load_data(config)
+    log(f"exporting {config.model} from {ckpt_dir} (epoch {state['epoch']}, validation accuracy {100 * state['val_accuracy']:.2f}%)")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        started = time.perf_counter()
+        proto = onnx_graph.fold_flatten_transpose(onnx_graph.convert(model, opset))
+        metadata = {
+            META_NORMALIZATION: json.dumps({"offset": PIXEL_OFFSET, "scale": PIXEL_SCALE, "layout": "NHWC",
+                                            "formula": "(pixel - offset) / scale", "pixels": "uint8, white digit on black"}),
+            META_LABELS: json.dumps([str(i) for i in range(10)]),
+            "mnist_dist.model": config.model,
+            "mnist_dist.run": run_dir or "",
+            "mnist_dist.checkpoint": str(ckpt_dir.resolve()),
+            "mnist_dist.opset": str(opset),
+        }
+        onnx_graph.set_metadata(proto, metadata)
+        import onnx
+        onnx.checker.check_model(proto)
+        onnx.save(proto, work / FP32_FILE)
+        log(f"converted to ONNX opset {opset} in {time.perf_counter() - started:.1f} s: {' '.join(onnx_graph.op_types(proto))}")
+
+        # Calibrate on training images only: the test set never chooses anything.
+        calibration = normalize(data.train_x[:calibration_images])
+        quantize_int8(work / FP32_FILE, work / INT8_FILE, calibration, work)
+        int8 = onnx.load(work / INT8_FILE)
+        onnx_graph.set_metadata(int8, metadata)
+        onnx.save(int8, work / INT8_FILE)
+        log(f"quantized to int8 (static QDQ, per-channel, {len(calibration)} training images for calibration)")
+
+        log(f"verifying on all {len(data.test_y)} test images ...")
+        test_x = normalize(data.test_x)
+        reference = predict_logits(model, data.test_x)
+        tf_accuracy = float((reference.argmax(1) == data.test_y).mean())
+        sections = {}
+        for name, filename in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+            logits = ort_logits(work / filename, test_x)
+            sections[name] = _compare(name, logits, reference, data.test_y, work / filename, tf_accuracy)
+        rules = verification_rules(sections, tolerance, max_int8_drop_pp)
+        report = {
+            "schema_version": SCHEMA_VERSION,
+            "verified": all(rule["passed"] for rule in rules),
+            "rules": rules,
+            "fp32": sections["fp32"],
+            "int8": sections["int8"],
+            "test_images": int(len(data.test_y)),
+            "data_source": data.source,
+            "model": config.model,
+            "checkpoint": str(ckpt_dir.resolve()),
+            "checkpoint_epoch": state["epoch"],
+            "checkpoint_val_accuracy": state["val_accuracy"],
+            "run": run_dir,
+            "opset": opset,
+            "input": {"name": onnx_graph.INPUT_NAME, "shape": ["N", 28, 28, 1], "dtype": "float32",
+                      "normalization": json.loads(metadata[META_NORMALIZATION])},
+            "output": {"name": onnx_graph.OUTPUT_NAME, "shape": ["N", 10], "meaning": "logits"},
+            "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomic(work / REPORT_JSON, report)
+        (work / REPORT_MD).write_text(report_markdown(report))
+        for line in summary_lines(report):
+            log(line)
+        publish(work, out_dir, report["verified"])
+        if report["verified"]:
+            log(f"verified export written to {out_dir}")
+        else:
+            failed = [r for r in rules if not r["passed"]]
+            for rule in failed:
+                log(f"FAILED rule {rule['rule']}: {rule['detail']}")
+            log(f"export REJECTED: nothing was published to {out_dir}; the rejected files are in {out_dir}.rejected")
+        return report
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, max_int8_drop_pp: float) -> list[dict[str, Any]]:
+    fp32, int8 = sections["fp32"], sections["int8"]
+    drop_pp = 100 * (int8["tf_accuracy"] - int8["ort_accuracy"])
+    return [
+        {"rule": "fp32_argmax_agreement", "passed": fp32["argmax_disagreements"] == 0,
+         "detail": f"{fp32['argmax_disagreements']} of the test images classified differently from TensorFlow (must be 0)"},
+        {"rule": "fp32_logit_tolerance", "passed": fp32["max_abs_logit_diff"] <= tolerance,
+         "detail": f"max |logit difference| {fp32['max_abs_logit_diff']:.3g} (must be <= {tolerance:g})"},
+        {"rule": "int8_accuracy_drop", "passed": drop_pp <= max_int8_drop_pp,
+         "detail": f"int8 accuracy {100 * int8['ort_accuracy']:.2f}% vs TensorFlow {100 * int8['tf_accuracy']:.2f}%: "
+                   f"drop {drop_pp:.2f} pp (must be <= {max_int8_drop_pp:g} pp)"},
+    ]
+
+
+def publish(work: Path, out_dir: Path, verified: bool) -> None:
+    """Rename the finished temporary directory into place; the old export is replaced only now."""
+    target = out_dir if verified else out_dir.with_name(out_dir.name + ".rejected")
+    work.chmod(0o755)  # mkdtemp made it private; an export is meant to be copied and shared
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(backup)
+        work.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        work.rename(target)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for name in ("fp32", "int8"):
+        s = report[name]
+        lines.append(f"{name}: accuracy ORT {100 * s['ort_accuracy']:.2f}% vs TF {100 * s['tf_accuracy']:.2f}%, "
+                     f"{s['argmax_disagreements']} argmax disagreements, max |dlogit| {s['max_abs_logit_diff']:.2e}, "
+                     f"{s['size_bytes'] / 1e6:.2f} MB, batch-1 p50 {s['latency_us_p50']:.0f} us / p99 {s['latency_us_p99']:.0f} us, "
+                     f"batch-256 {s['throughput_b256']:.0f} img/s (1 thread)")
+    return lines
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    verdict = "VERIFIED" if report["verified"] else "REJECTED"
+    rows = ["| | fp32 | int8 |", "|---|---|---|"]
+    for key, fmt in (("ort_accuracy", "{:.4f}"), ("tf_accuracy", "{:.4f}"), ("argmax_disagreements", "{}"),
+                     ("max_abs_logit_diff", "{:.2e}"), ("mean_abs_logit_diff", "{:.2e}"), ("size_bytes", "{:,}"),
+                     ("latency_us_p50", "{:.0f}"), ("latency_us_p99", "{:.0f}"), ("throughput_b256", "{:.0f}")):
+        rows.append(f"| {key} | {fmt.format(report['fp32'][key])} | {fmt.format(report['int8'][key])} |")
+    rules = [f"- {'pass' if r['passed'] else 'FAIL'} `{r['rule']}`: {r['detail']}" for r in report["rules"]]
+    return "\n".join([
+        f"# Export report: {verdict}", "",
+        f"Model `{report['model']}` from `{report['checkpoint']}` (epoch {report['checkpoint_epoch']}, "
+        f"validation accuracy {100 * report['checkpoint_val_accuracy']:.2f}%), ONNX opset {report['opset']}.",
+        f"Compared with TensorFlow on all {report['test_images']} test images; latency with 1 thread.", "",
+        *rows, "", "## Rules", *rules, "",
+    ])

@@ -1,0 +1,40 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+# Every test (and every subprocess it starts) reads the real MNIST from here.
+os.environ["MNIST_DATA_DIR"] = str(MNIST_DIR)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def run_cli(*args, env=None, timeout=600, cwd=None):
+    """Run `mnist-dist ARGS` in a fresh interpreter; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "mnist_dist.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"real MNIST not found at {MNIST_DIR}; set MNIST_DATA_DIR")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_run(tmp_path_factory, mnist_dir):
+    """One real 2-worker Ray Train run on a real-MNIST subset, shared by the tests that inspect a run."""
+    storage = tmp_path_factory.mktemp("runs")
+    proc = run_cli("train", "--preset", "smoke", "--model", "tf-tutorial", "--workers", "2", "--batch-size", "32",
+                   "--train-limit", "4096", "--val-size", "1000", "--epochs", "2", "--lr", "0.05", "--eval-every", "20",
+                   "--storage", storage, "--name", "e2e")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = storage / "e2e"
+    return {"run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr,
+            "result": json.loads((run_dir / "result.json").read_text())}

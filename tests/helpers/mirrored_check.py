@@ -1,0 +1,43 @@
+"""Run in a fresh process (logical CPU devices must be set before TensorFlow starts):
+the same global batches through 1 replica and through MirroredStrategy's 2 replicas."""
+import json
+import os
+import sys
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mnist_dist.config import TrainConfig  # noqa: E402
+from mnist_dist.data import load  # noqa: E402
+from mnist_dist.loop import build_model_and_optimizer, distributed_epoch, make_train_step  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+data = load(sys.argv[1], val_size=1000, train_limit=2048)
+STEPS = 8
+
+
+def run(strategy, per_replica_batch):
+    config = TrainConfig(model="lenet5", batch_size=per_replica_batch, workers=strategy.num_replicas_in_sync)
+    keras.utils.set_random_seed(7)
+    with strategy.scope():
+        model, optimizer = build_model_and_optimizer(config, steps_per_epoch=32)
+    step = make_train_step(strategy, model, optimizer, global_batch=64)
+    losses = []
+    for batch in distributed_epoch(strategy, data, config, 0, 64):
+        loss, _ = step(batch)
+        losses.append(float(loss))
+        if len(losses) == STEPS:
+            break
+    replicas_identical = all(
+        len({np.asarray(t).tobytes() for t in v.value.values}) == 1 for v in model.weights
+    ) if strategy.num_replicas_in_sync > 1 else None
+    return losses, replicas_identical, [w.numpy() for w in model.weights], strategy.num_replicas_in_sync
+
+
+single, _, w1, n1 = run(tf.distribute.get_strategy(), 64)
+double, identical, w2, n2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 32)
+print(json.dumps({"single": single, "double": double, "replicas": [n1, n2], "replicas_identical": identical,
+                  "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2))}))

@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_dist.config import TrainConfig
+from mnist_dist.loop import DirectorySession, train
+
+
+def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
+    helper = Path(__file__).parent / "helpers" / "mirrored_check.py"
+    proc = subprocess.run([sys.executable, str(helper), str(mnist_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == [1, 2]
+    assert out["replicas_identical"] is True
+    # Same global batch, loss averaged over it, gradients summed over replicas: the same run.
+    np.testing.assert_allclose(out["double"], out["single"], rtol=1e-4, atol=1e-5)
+    assert out["max_weight_diff"] < 1e-4
+    assert out["double"][-1] < out["double"][0]
+
+
+def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, capsys):
+    config = TrainConfig(model="lenet5", epochs=1, batch_size=64, workers=1, learning_rate=0.05, val_size=2000,
+                         train_limit=19200, eval_every=100, data_dir=str(mnist_dir))
+    session = DirectorySession(tmp_path)
+    final = train(config, session)
+    assert final["global_step"] == 300
+    assert final["val_accuracy"] > 0.90  # chance is 0.10
+    out = capsys.readouterr().out
+    for field in ("minibatch loss", "lr ", "minibatch error", "validation error", "ms/step", "img/s"):
+        assert field in out
+    assert "epoch 1/1: validation accuracy" in out
+    assert (tmp_path / "checkpoint_epoch001" / "state.json").is_file()
+
+
+def test_resume_continues_step_epoch_and_learning_rate(tmp_path):
+    config = TrainConfig(model="lenet5", epochs=1, batch_size=50, workers=1, synthetic=True, train_limit=1000,
+                         val_size=200, eval_every=1000)
+    session = DirectorySession(tmp_path)
+    first = train(config, session, log=lambda _: None)
+    second = train(config.replace(epochs=3), session, log=lambda _: None)
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
+    assert [h["global_step"] for h in second["history"]] == [20, 40, 60]
+    assert second["history"][0] == first["history"][0]
+    lrs = [h["learning_rate"] for h in second["history"]]
+    assert lrs == pytest.approx([config.learning_rate * 0.95 ** e for e in (1, 2, 3)], rel=1e-5)
+
+
+def test_half_written_checkpoint_is_never_taken(tmp_path):
+    from mnist_dist import checkpoint as ckpt
+
+    config = TrainConfig(model="lenet5", epochs=2, batch_size=50, workers=1, synthetic=True, train_limit=500,
+                         val_size=100, eval_every=1000)
+    train(config, DirectorySession(tmp_path), log=lambda _: None)
+    # Epoch 2 "crashed" mid-write: its model is cut short.
+    broken = tmp_path / "checkpoint_epoch002" / ckpt.MODEL_FILE
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        ckpt.load_state(tmp_path / "checkpoint_epoch002")
+    with DirectorySession(tmp_path).latest_checkpoint() as latest:
+        assert latest.name == "checkpoint_epoch001"

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from mnist_dist.pipeline import eval_dataset, shard_indices, train_dataset
+
+
+def test_workers_split_each_global_batch_disjointly():
+    n, gb, workers = 1000, 64, 4
+    parts = [shard_indices(n, seed=1, epoch=0, global_batch=gb, num_shards=workers, shard_ids=[w]) for w in range(workers)]
+    assert all(p.shape == (n // gb, gb // workers) for p in parts)
+    for step in range(n // gb):
+        together = np.concatenate([p[step] for p in parts])
+        assert len(set(together)) == gb  # distinct parts of one global batch...
+    everything = np.concatenate([p.ravel() for p in parts])
+    assert len(set(everything)) == (n // gb) * gb  # ...and no sample twice in an epoch
+
+
+def test_same_global_batches_whatever_the_worker_count():
+    one = shard_indices(1000, 3, 0, 64, num_shards=1, shard_ids=[0])
+    two = [shard_indices(1000, 3, 0, 64, num_shards=2, shard_ids=[w]) for w in range(2)]
+    assert np.array_equal(one, np.concatenate(two, axis=1))
+    # One pipeline feeding two local replicas yields their slices in turn.
+    local = shard_indices(1000, 3, 0, 64, num_shards=2, shard_ids=[0, 1])
+    assert np.array_equal(local[0], two[0][0]) and np.array_equal(local[1], two[1][0])
+
+
+def test_shuffle_changes_every_epoch_but_not_between_workers():
+    a0 = shard_indices(1000, 5, 0, 50, 2, [0])
+    assert np.array_equal(a0, shard_indices(1000, 5, 0, 50, 2, [0]))
+    assert not np.array_equal(a0, shard_indices(1000, 5, 1, 50, 2, [0]))
+
+
+def test_batch_must_fit():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        shard_indices(10, 0, 0, 64, 1, [0])
+
+
+def test_train_dataset_normalizes_and_augments():
+    images = np.full((256, 28, 28), 255, np.uint8)
+    images[:, :2, :] = 0
+    labels = np.arange(256) % 10
+    x, y = next(iter(train_dataset(images, labels, seed=0, epoch=0, global_batch=64)))
+    assert x.shape == (64, 28, 28, 1) and y.shape == (64,)
+    assert float(x.numpy().max()) == pytest.approx(0.5) and float(x.numpy().min()) == pytest.approx(-0.5)
+    shifted, _ = next(iter(train_dataset(images, labels, seed=0, epoch=0, global_batch=64, augment=True)))
+    assert not np.array_equal(shifted.numpy(), x.numpy())
+    assert set(np.unique(np.round(shifted.numpy(), 4))) <= {-0.5, 0.5}
+    ex, ey = next(iter(eval_dataset(images, labels, batch=100)))
+    assert ex.shape == (100, 28, 28, 1)

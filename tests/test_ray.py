@@ -1,0 +1,107 @@
+"""Real Ray Train runs on real MNIST: 2 workers, MultiWorkerMirroredStrategy, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_worker_run_writes_result_and_best_pointer(ray_run):
+    result, run_dir = ray_run["result"], ray_run["run_dir"]
+    for key in ("best_checkpoint", "best_epoch", "best_val_accuracy", "test_accuracy", "epochs_completed",
+                "global_step", "workers", "global_batch_size", "config"):
+        assert key in result
+    assert result["workers"] == 2 and result["global_batch_size"] == 64
+    assert result["epochs_completed"] == 2 and result["global_step"] == 2 * (4096 // 64)
+    assert result["test_accuracy"] > 0.8
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["checkpoint"] == result["best_checkpoint"] and Path(best["checkpoint"]).is_dir()
+    assert best["val_accuracy"] == max(h["val_accuracy"] for h in result["history"])
+    assert "test accuracy" in ray_run["stdout"] and best["checkpoint"] in ray_run["stdout"]
+
+
+def test_workers_hold_bit_identical_weights(ray_run):
+    checkpoints = sorted(ray_run["run_dir"].glob("checkpoint_epoch*"))
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        digests = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["weights_sha256"]
+                   for p in checkpoint.glob("replica-*.json")}
+        assert sorted(digests) == [0, 1]
+        assert len(set(digests.values())) == 1, f"replicas diverged in {checkpoint.name}: {digests}"
+
+
+def test_checkpoint_restores_to_the_same_validation_accuracy(ray_run):
+    from mnist_dist.evaluate import evaluate_checkpoint
+
+    result = ray_run["result"]
+    _state, val = evaluate_checkpoint(result["best_checkpoint"], split="val")
+    assert val["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-6)
+
+
+def test_driver_prints_rank_zero_lines_once(ray_run):
+    out = ray_run["stdout"]
+    assert out.count("step     20 ") == 1
+    assert out.count("epoch 1/2: validation accuracy") == 1
+
+
+def _start_training(storage, name, extra_env=None, epochs=3):
+    args = [sys.executable, "-m", "mnist_dist.cli", "train", "--preset", "smoke", "--workers", "2", "--batch-size", "32",
+            "--train-limit", "6144", "--val-size", "1000", "--epochs", str(epochs), "--eval-every", "50",
+            "--storage", str(storage), "--name", name, "--max-failures", "1"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(extra_env or {})}, start_new_session=True)
+
+
+def _wait_for_committed_checkpoint(run_dir: Path, proc, timeout=240):
+    """Until Ray has registered epoch 1's checkpoint: a folder on disk is not enough, since
+    report() is a barrier and a checkpoint counts only once every rank has reported it."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while not (snapshot.exists() and "checkpoint_epoch001" in snapshot.read_text()):
+        assert proc.poll() is None, f"training ended before a checkpoint was committed:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"no checkpoint committed in {timeout} s"
+        time.sleep(0.1)
+
+
+def _assert_complete_and_continuous(run_dir, epochs=3):
+    result = json.loads((run_dir / "result.json").read_text())
+    steps = result["global_step"] // result["epochs_completed"]
+    assert result["epochs_completed"] == epochs
+    assert [h["epoch"] for h in result["history"]] == list(range(1, epochs + 1))
+    assert [h["global_step"] for h in result["history"]] == [steps * e for e in range(1, epochs + 1)]
+
+
+def test_killed_worker_is_restarted_from_the_latest_checkpoint(tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start_training(tmp_path / "runs", "ft", {"MNIST_DIST_PID_DIR": str(pids)})
+    _wait_for_committed_checkpoint(tmp_path / "runs" / "ft", proc)
+    victim = int((pids / "rank1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)  # a real Ray worker process, mid-epoch 2
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "checkpoint_epoch00" in out
+    assert out.count("epoch 1/3: validation accuracy") == 1  # epoch 1 was not trained twice
+    assert int((pids / "rank1.pid").read_text()) != victim  # a new worker took its place
+    _assert_complete_and_continuous(tmp_path / "runs" / "ft")
+
+
+def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):
+    proc = _start_training(tmp_path / "runs", "resume")
+    _wait_for_committed_checkpoint(tmp_path / "runs" / "resume", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=60)
+    time.sleep(2)
+    proc = _start_training(tmp_path / "runs", "resume")
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "epoch 1/3: validation accuracy" not in out
+    _assert_complete_and_continuous(tmp_path / "runs" / "resume")

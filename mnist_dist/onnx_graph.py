@@ -65,9 +65,11 @@ def fold_flatten_transpose(proto: onnx.ModelProto) -> onnx.ModelProto:
     for transpose in [n for n in graph.node if n.op_type == "Transpose"]:
         perm = list(helper.get_attribute_value(next(a for a in transpose.attribute if a.name == "perm")))
         users = _consumers(graph, transpose.output[0])
-        if perm != [0, 2, 3, 1] or len(users) != 1 or users[0].op_type != "Reshape":
+        reshapes = [u for u in users if u.op_type == "Reshape"]
+        # Shape users only feed the Reshape's target shape; they die with it.
+        if perm != [0, 2, 3, 1] or len(reshapes) != 1 or any(u.op_type not in ("Reshape", "Shape") for u in users):
             continue
-        reshape = users[0]
+        reshape = reshapes[0]
         matmuls = _consumers(graph, reshape.output[0])
         if len(matmuls) != 1 or matmuls[0].op_type != "MatMul" or matmuls[0].input[1] not in inits:
             continue

@@ -38,3 +38,24 @@ def ray_run(tmp_path_factory, mnist_dir):
     run_dir = storage / "e2e"
     return {"run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr,
             "result": json.loads((run_dir / "result.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def exported(ray_run):
+    """The verified export of the shared Ray run: the whole real path, train -> export -> verify."""
+    proc = run_cli("export", "--run", ray_run["run_dir"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"dir": ray_run["run_dir"] / "export", "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, mnist_dir):
+    """A quick in-process run (no Ray) for export error cases."""
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.local import train_in_process
+
+    storage = tmp_path_factory.mktemp("small")
+    config = TrainConfig(model="lenet5", epochs=1, batch_size=64, learning_rate=0.05, train_limit=6400, val_size=1000,
+                         eval_every=1000, storage=str(storage), name="small", data_dir=str(mnist_dir))
+    train_in_process(config, log=lambda _: None)
+    return storage / "small"

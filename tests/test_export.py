@@ -1,0 +1,145 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from mnist_dist import export as export_mod
+from mnist_dist import onnx_graph
+
+pytestmark = pytest.mark.slow
+
+NUMBERS = ("max_abs_logit_diff", "mean_abs_logit_diff", "argmax_disagreements", "tf_accuracy", "ort_accuracy",
+           "size_bytes", "sha256", "latency_us_p50", "latency_us_p99", "throughput_b256")
+
+
+def test_export_of_the_ray_run_is_verified_with_a_full_report(exported, ray_run):
+    out = exported["dir"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified"] is True and all(rule["passed"] for rule in report["rules"])
+    assert report["test_images"] == 10000
+    for name in ("fp32", "int8"):
+        for key in NUMBERS:
+            assert key in report[name], (name, key)
+        assert report[name]["size_bytes"] == (out / report[name]["file"]).stat().st_size
+    assert report["fp32"]["argmax_disagreements"] == 0 and report["fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert report["fp32"]["tf_accuracy"] == pytest.approx(ray_run["result"]["test_accuracy"])
+    assert report["int8"]["tf_accuracy"] - report["int8"]["ort_accuracy"] <= 0.001
+    assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"] / 3
+    assert report["checkpoint"] == ray_run["result"]["best_checkpoint"]
+    assert "VERIFIED" in (out / "report.md").read_text()
+
+
+def test_onnx_model_has_named_dynamic_input_metadata_and_a_lean_graph(exported, ray_run):
+    model = onnx.load(exported["dir"] / "model.onnx")
+    assert model.opset_import[0].version <= 18
+    (inp,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "image" and dims[1:] == [28, 28, 1] and isinstance(dims[0], str)
+    assert [o.name for o in model.graph.output] == ["logits"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["mnist_dist.normalization"])["offset"] == 127.5
+    assert json.loads(meta["mnist_dist.labels"]) == [str(i) for i in range(10)]
+    assert meta["mnist_dist.model"] == "tf-tutorial" and meta["mnist_dist.opset"] == str(model.opset_import[0].version)
+    assert meta["mnist_dist.checkpoint"] == ray_run["result"]["best_checkpoint"]
+    ops = onnx_graph.op_types(model)
+    assert "Transpose" not in ops and "Shape" not in ops and "Gather" not in ops, ops
+    int8 = onnx.load(exported["dir"] / "model.int8.onnx")
+    assert "QuantizeLinear" in onnx_graph.op_types(int8)
+    assert {p.key for p in int8.metadata_props} >= set(meta)
+
+
+def test_a_corrupted_weight_is_refused_and_nothing_is_published(small_run, monkeypatch, tmp_path):
+    real = onnx_graph.fold_flatten_transpose
+
+    def corrupt_one_weight(proto):
+        proto = real(proto)
+        init = next(i for i in proto.graph.initializer if len(onnx.numpy_helper.to_array(i).shape) == 2)
+        weights = onnx.numpy_helper.to_array(init).copy()
+        weights[0, 0] += 0.5
+        init.CopyFrom(onnx.numpy_helper.from_array(weights, init.name))
+        return proto
+
+    monkeypatch.setattr(onnx_graph, "fold_flatten_transpose", corrupt_one_weight)
+    out = tmp_path / "export"
+    lines = []
+    report = export_mod.export(run=str(small_run), out=str(out), log=lines.append)
+    assert report["verified"] is False
+    assert not out.exists()
+    failed = [r["rule"] for r in report["rules"] if not r["passed"]]
+    assert "fp32_logit_tolerance" in failed
+    assert any(line.startswith("FAILED rule fp32_logit_tolerance") for line in lines)
+    rejected = json.loads((tmp_path / "export.rejected" / "report.json").read_text())
+    assert rejected["verified"] is False
+
+
+def test_cli_exit_code_on_failed_verification(small_run, tmp_path):
+    # An impossible tolerance makes the fp32 rule fail through the real command line.
+    proc = run_cli("export", "--run", small_run, "--out", tmp_path / "x", "--tolerance", "0")
+    assert proc.returncode == 1
+    assert "FAILED rule fp32_logit_tolerance" in proc.stdout and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case", ["no checkpoints", "missing checkpoint", "corrupt checkpoint", "opset", "verified exists"])
+def test_bad_input_gets_a_clear_error(case, small_run, tmp_path):
+    args = ["export", "--run", small_run, "--out", tmp_path / "out"]
+    if case == "no checkpoints":
+        (tmp_path / "empty").mkdir()
+        args, expect = ["export", "--run", tmp_path / "empty"], "holds no checkpoints"
+    elif case == "missing checkpoint":
+        args, expect = ["export", "--checkpoint", tmp_path / "nope"], "does not exist"
+    elif case == "corrupt checkpoint":
+        broken = tmp_path / "broken"
+        shutil.copytree(small_run / "checkpoint_epoch001", broken)
+        model = broken / "model.keras"
+        model.write_bytes(model.read_bytes()[:-100])
+        args, expect = ["export", "--checkpoint", broken, "--out", tmp_path / "out"], "corrupt"
+    elif case == "opset":
+        args, expect = args + ["--opset", "21"], "opset 21 is not supported"
+    else:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "report.json").write_text(json.dumps({"verified": True}))
+        expect = "previous verified export"
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert expect in proc.stderr and "Traceback" not in proc.stderr
+    if case == "verified exists":
+        assert json.loads((tmp_path / "out" / "report.json").read_text()) == {"verified": True}  # untouched
+
+
+def test_force_replaces_a_verified_export(small_run, tmp_path):
+    out = tmp_path / "out"
+    assert export_mod.export(run=str(small_run), out=str(out), log=lambda _: None)["verified"]
+    first = json.loads((out / "report.json").read_text())["created"]
+    with pytest.raises(export_mod.ExportError):
+        export_mod.export(run=str(small_run), out=str(out), log=lambda _: None)
+    assert export_mod.export(run=str(small_run), out=str(out), force=True, log=lambda _: None)["verified"]
+    assert (out / "model.onnx").is_file() and json.loads((out / "report.json").read_text())["created"] >= first
+    assert not list(tmp_path.glob(".out*"))  # no temporary or backup folder left behind
+
+
+def test_folding_the_flatten_transpose_keeps_the_function():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 4, 5)).astype(np.float32)  # NCHW
+    w = rng.standard_normal((4 * 5 * 2, 6)).astype(np.float32)
+    from onnx import helper, numpy_helper, TensorProto
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+         helper.make_node("Shape", ["t"], ["s"]),
+         helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+         helper.make_node("Concat", ["n", "minus1"], ["shape"], axis=0),
+         helper.make_node("Reshape", ["t", "shape"], ["r"]),
+         helper.make_node("MatMul", ["r", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array([-1], np.int64), "minus1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    lean = onnx_graph.fold_flatten_transpose(model)
+    assert onnx_graph.op_types(lean) == ["Flatten", "MatMul"]
+    import onnxruntime as ort
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    after = ort.InferenceSession(lean.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)

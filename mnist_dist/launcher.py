@@ -81,7 +81,11 @@ def init_ray(config: TrainConfig) -> None:
     address = config.address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: v for k, v in os.environ.items() if k in ("MNIST_DATA_DIR", "MNIST_DIST_CACHE", PID_DIR_ENV)}
     runtime_env = {"env_vars": {**env_vars, "TF_CPP_MIN_LOG_LEVEL": "2"}}
-    if address:  # an existing cluster: `auto`, `ray://host:10001`, or the job's own cluster
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # Inside `ray job submit` / a RayJob: the job's runtime_env already applies, and Ray
+        # refuses a driver that sets the same keys again.
+        ray.init(address=address or "auto", log_to_driver=True)
+    elif address:  # an existing cluster: `auto` or `ray://host:10001`
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         # The dashboard process also serves the State API that Ray Train's placement-group

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Train on the Ray cluster this runs in, then export and verify the best checkpoint.
+# The one entrypoint for `ray job submit` (jobs/README.md) and for the KubeRay RayJob (k8s/).
+# Settings come from the environment (a ConfigMap on Kubernetes); extra arguments are
+# passed on to `mnist-dist pipeline` and win over them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python -m mnist_dist.cli pipeline \
+    --workers "${MNIST_WORKERS:-2}" \
+    --epochs "${MNIST_EPOCHS:-10}" \
+    --cpus-per-worker "${MNIST_CPUS_PER_WORKER:-1}" \
+    --gpus-per-worker "${MNIST_GPUS_PER_WORKER:-0}" \
+    --storage "${MNIST_STORAGE:-runs}" \
+    --name "${MNIST_RUN_NAME:-mnist}" \
+    --max-failures "${MNIST_MAX_FAILURES:-2}" \
+    "$@"

@@ -1,0 +1,113 @@
+"""The edge runtime: numpy + onnxruntime (+ Pillow for images), nothing heavier."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from mnist_edge import idx
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = Path(__file__).parent / "helpers" / "edge_isolated.py"
+
+
+def edge(*args):
+    """The edge CLI in a fresh interpreter that sees only export/ (not the mnist_dist package)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "export")}
+    return subprocess.run([sys.executable, "-s", str(HELPER), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT / "export")
+
+
+@pytest.fixture(scope="module")
+def test_images(mnist_dir):
+    return idx.read(mnist_dir / "t10k-images-idx3-ubyte.gz"), idx.read(mnist_dir / "t10k-labels-idx1-ubyte.gz")
+
+
+def test_runs_without_tensorflow_keras_ray_or_onnx(exported, tmp_path, test_images):
+    images, _ = test_images
+    np.save(tmp_path / "x.npy", images[:2])
+    proc = edge("--model", exported["dir"], tmp_path / "x.npy")
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert status == {"exit": 0, "heavy_modules": []}
+
+
+def test_npy_idx_and_png_inputs(exported, tmp_path, test_images, mnist_dir):
+    images, labels = test_images
+    np.save(tmp_path / "batch.npy", images[:20])
+    np.save(tmp_path / "float.npy", images[0].astype(np.float32) / 255)
+    # Black-on-white at another size, as a phone photo of a digit would be.
+    Image.fromarray(255 - images[0]).resize((140, 140)).save(tmp_path / "seven.png")
+    Image.fromarray(images[1]).convert("RGB").save(tmp_path / "two.jpg", quality=95)
+    proc = edge("--model", exported["dir"], "--json", tmp_path / "batch.npy", tmp_path / "float.npy",
+                tmp_path / "seven.png", tmp_path / "two.jpg")
+    assert proc.returncode == 0, proc.stderr
+    predictions = json.loads(proc.stdout)["predictions"]
+    assert len(predictions) == 23
+    got = [p["label"] for p in predictions[:20]]
+    assert np.mean(np.array(got) == labels[:20]) >= 0.9
+    assert [p["label"] for p in predictions[20:]] == [labels[0], labels[0], labels[1]]
+    assert all(0 <= p["probability"] <= 1 and len(p["probabilities"]) == 10 for p in predictions)
+    # An IDX file straight from the MNIST distribution, through the full package CLI too.
+    from conftest import run_cli
+    proc = run_cli("predict", "--model", exported["dir"] / "model.int8.onnx", mnist_dir / "t10k-images-idx3-ubyte.gz")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 10000 and lines[0].startswith(f"{mnist_dir / 't10k-images-idx3-ubyte.gz'}[0]: 7 (p=")
+
+
+def _model_without_metadata(exported, tmp_path):
+    model = onnx.load(exported["dir"] / "model.onnx")
+    del model.metadata_props[:]
+    onnx.save(model, tmp_path / "bare.onnx")
+    return tmp_path / "bare.onnx"
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("shape", "is not (28, 28)"), ("dtype", "dtype int64 is not supported"), ("range", "must lie in [0, 1]"),
+    ("unreadable png", "not a readable image"), ("empty npy", "holds no images"), ("labels idx", "labels file"),
+    ("no inputs", "no inputs given"), ("missing model", "model file not found"), ("bare model", "lacks the metadata"),
+    ("garbage model", "cannot load this model"), ("unknown type", "unsupported input type"),
+])
+def test_bad_input_gets_a_clear_error(case, expect, exported, tmp_path, mnist_dir):
+    model, inputs = exported["dir"], []
+    if case == "shape":
+        np.save(tmp_path / "a.npy", np.zeros((2, 32, 32), np.uint8)); inputs = [tmp_path / "a.npy"]
+    elif case == "dtype":
+        np.save(tmp_path / "a.npy", np.zeros((28, 28), np.int64)); inputs = [tmp_path / "a.npy"]
+    elif case == "range":
+        np.save(tmp_path / "a.npy", np.full((28, 28), 7.0, np.float32)); inputs = [tmp_path / "a.npy"]
+    elif case == "unreadable png":
+        (tmp_path / "a.png").write_bytes(b"not a png"); inputs = [tmp_path / "a.png"]
+    elif case == "empty npy":
+        np.save(tmp_path / "a.npy", np.zeros((0, 28, 28), np.uint8)); inputs = [tmp_path / "a.npy"]
+    elif case == "labels idx":
+        inputs = [mnist_dir / "t10k-labels-idx1-ubyte.gz"]
+    elif case == "missing model":
+        model = tmp_path / "none.onnx"; inputs = [mnist_dir / "t10k-images-idx3-ubyte.gz"]
+    elif case == "bare model":
+        model = _model_without_metadata(exported, tmp_path); inputs = [mnist_dir / "t10k-images-idx3-ubyte.gz"]
+    elif case == "garbage model":
+        (tmp_path / "g.onnx").write_bytes(b"\x00garbage"); model = tmp_path / "g.onnx"
+        inputs = [mnist_dir / "t10k-images-idx3-ubyte.gz"]
+    elif case == "unknown type":
+        (tmp_path / "a.txt").write_text("7"); inputs = [tmp_path / "a.txt"]
+    proc = edge("--model", model, *inputs)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert expect in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_classifier_api_reads_normalisation_from_metadata(exported, test_images):
+    from mnist_edge import Classifier
+
+    images, labels = test_images
+    classifier = Classifier(exported["dir"])
+    assert (classifier.offset, classifier.scale) == (127.5, 255.0)
+    predicted, probs = classifier.predict(images[:500])
+    assert np.mean(predicted == labels[:500]) > 0.8 and np.allclose(probs.sum(1), 1)

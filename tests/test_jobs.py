@@ -1,0 +1,67 @@
+"""`ray job submit` against a real local cluster (`ray start --head` on 127.0.0.1)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    port, dashboard = free_port(), free_port()
+    # As a user would: with the project's environment active, so `python` in the job is that one.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                            "--include-dashboard=true", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_submitted_pipeline_trains_exports_and_succeeds(cluster, tmp_path, mnist_dir):
+    address, env = cluster
+    runtime_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["MNIST_DATA_DIR"] = str(mnist_dir)
+    runtime_env["env_vars"]["MNIST_STORAGE"] = str(tmp_path / "runs")
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump(runtime_env))
+    job_id = "mnist_test_job"
+    for _attempt in range(30):  # the job agent comes up a few seconds after `ray start` returns
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--no-wait", "--address", address, "--submission-id", job_id,
+             "--runtime-env", str(tmp_path / "env.yaml"), "--",
+             "bash", "jobs/pipeline.sh", "--preset", "smoke", "--epochs", "2", "--name", "job"],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        if "No available agent" not in submit.stderr + submit.stdout:
+            break
+        time.sleep(2)
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+    logs = subprocess.run([RAY, "job", "logs", "--follow", "--address", address, job_id],
+                          capture_output=True, text=True, env=env, timeout=600)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    status = JobSubmissionClient(address).get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, logs.stdout[-4000:]
+    run_dir = tmp_path / "runs" / "job"
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (Path(best["checkpoint"]) / "state.json").is_file()
+    assert json.loads((run_dir / "export" / "report.json").read_text())["verified"] is True
+    assert "verified export written to" in logs.stdout

@@ -102,12 +102,23 @@ def run_training(config, in_process: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------- export / predict
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..18 (default 17)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| fp32 vs TensorFlow")
+    parser.add_argument("--max-int8-drop", type=float, default=0.1, help="max int8 accuracy loss in percentage points")
+    parser.add_argument("--calibration-images", type=int, default=1000, help="training images used to calibrate int8")
+    parser.add_argument("--force", action="store_true", help="replace an existing verified export")
+
+
+def export_options(args: argparse.Namespace) -> dict:
+    return {"opset": args.opset, "tolerance": args.tolerance, "max_int8_drop_pp": args.max_int8_drop,
+            "force": args.force, "calibration_images": args.calibration_images}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mnist_dist.export import export
 
-    report = export(run=args.run, checkpoint=args.checkpoint, out=args.out, opset=args.opset,
-                    tolerance=args.tolerance, max_int8_drop_pp=args.max_int8_drop, force=args.force,
-                    calibration_images=args.calibration_images)
+    report = export(run=args.run, checkpoint=args.checkpoint, out=args.out, **export_options(args))
     return 0 if report["verified"] else 1
 
 
@@ -124,7 +135,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = run_training(config, in_process=args.in_process)
     out = args.export_dir or f"{result['run_dir']}/export"
-    report = export(run=result["run_dir"], out=out, force=args.force)
+    report = export(run=result["run_dir"], out=out, **export_options(args))
     return 0 if report["verified"] else 1
 
 
@@ -146,17 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="run directory (uses the best checkpoint by validation accuracy)")
     src.add_argument("--checkpoint", help="a checkpoint directory")
     p.add_argument("--out", default=None, help="export directory (default RUN/export)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..18 (default 17)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| fp32 vs TensorFlow")
-    p.add_argument("--max-int8-drop", type=float, default=0.1, help="max int8 accuracy loss in percentage points")
-    p.add_argument("--calibration-images", type=int, default=1000, help="training images used to calibrate int8")
-    p.add_argument("--force", action="store_true", help="replace an existing verified export")
+    add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pipeline", help="train, then export (the Ray job / RayJob entrypoint)")
     add_train_arguments(p)
     p.add_argument("--export-dir", default=None, help="default RUN_DIR/export")
-    p.add_argument("--force", action="store_true", help="replace an existing verified export")
+    add_export_arguments(p)
     p.set_defaults(func=cmd_pipeline)
 
     from mnist_edge.cli import add_arguments

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MODELS = ("tf-tutorial", "lenet5", "cnn-bn")
@@ -51,11 +51,6 @@ class TrainConfig:
     name: str | None = None
     max_failures: int = 0
     keep_checkpoints: int = 3
-    # Test hook for the fault-tolerance test: rank 1 kills its own process once,
-    # right after this epoch's checkpoint, unless a marker file says it already did.
-    crash_after_epoch: int | None = None
-
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def global_batch_size(self) -> int:

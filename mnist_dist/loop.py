@@ -98,6 +98,11 @@ def build_model_and_optimizer(config: TrainConfig, steps_per_epoch: int):
     return model, optimizer
 
 
+def current_lr(optimizer) -> float:
+    """The scheduled learning rate at the optimizer's current global step."""
+    return float(optimizer.learning_rate.numpy())
+
+
 def make_train_step(strategy, model, optimizer, global_batch: int) -> Callable:
     import keras
     import tensorflow as tf
@@ -215,7 +220,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                 eval_start = time.perf_counter()
                 _, val_acc = evaluate(data.val_x, data.val_y)
                 eval_seconds += time.perf_counter() - eval_start
-                lr = float(optimizer.learning_rate.numpy() if hasattr(optimizer.learning_rate, "numpy") else optimizer.learning_rate)
+                lr = current_lr(optimizer)
                 say(f"step {step:6d} (epoch {step / steps_per_epoch:5.2f}) | minibatch loss {float(loss):.4f} | "
                     f"lr {lr:.6f} | minibatch error {100 * float(error):5.2f}% | validation error {100 * (1 - val_acc):5.2f}% | "
                     f"{1000 * elapsed / interval_steps:6.1f} ms/step | {interval_steps * global_batch / elapsed:7.0f} img/s")
@@ -224,7 +229,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         train_seconds += epoch_train_seconds
         val_loss, val_acc = evaluate(data.val_x, data.val_y)
         step = int(optimizer.iterations.numpy())
-        lr = float(optimizer.learning_rate.numpy() if hasattr(optimizer.learning_rate, "numpy") else optimizer.learning_rate)
+        lr = current_lr(optimizer)
         metrics = {
             "epoch": epoch + 1, "global_step": step, "val_accuracy": val_acc, "val_loss": val_loss,
             "train_loss": float(np.mean([float(x) for x in losses])), "learning_rate": lr,

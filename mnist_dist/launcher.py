@@ -94,25 +94,32 @@ def init_ray(config: TrainConfig) -> None:
                  runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
 
 
-def train(config: TrainConfig, log=print) -> dict[str, Any]:
-    """Train on Ray; returns the content of result.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+def scaling_config(config: TrainConfig):
+    """What each of the N workers asks Ray for (CPUs, and GPUs when --gpus-per-worker > 0)."""
+    from ray.train import ScalingConfig
 
     from mnist_dist import runtime
+
+    plan = runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker)
+    return ScalingConfig(num_workers=config.workers, use_gpu=plan.use_gpu,
+                         resources_per_worker=plan.resources_per_worker)
+
+
+def train(config: TrainConfig, log=print) -> dict[str, Any]:
+    """Train on Ray; returns the content of result.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.tensorflow import TensorflowTrainer
 
     config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S")).validate()
     if config.data_dir is None and not config.synthetic and not os.environ.get("MNIST_DATA_DIR"):
         from mnist_dist.data import resolve_dir
         config = config.replace(data_dir=str(resolve_dir(None)))  # download once, in the driver
-    plan = runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker)
     init_ray(config)
     started = time.perf_counter()
     trainer = TensorflowTrainer(
         worker_main,
         train_loop_config=config.to_dict(),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=plan.use_gpu,
-                                     resources_per_worker=plan.resources_per_worker),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.name,
             storage_path=storage_path(config.storage),

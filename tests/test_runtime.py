@@ -1,0 +1,42 @@
+"""The GPU and thread-pool branches, tested as logic on a CPU-only machine."""
+import json
+
+from mnist_dist import runtime
+
+
+def test_cpu_workers_ask_for_cpus_and_use_the_ring_all_reduce():
+    plan = runtime.device_plan(cpus_per_worker=2, gpus_per_worker=0)
+    assert plan == runtime.DevicePlan(use_gpu=False, resources_per_worker={"CPU": 2.0}, collective="RING")
+
+
+def test_gpu_workers_ask_for_gpus_and_use_nccl():
+    plan = runtime.device_plan(cpus_per_worker=4, gpus_per_worker=1)
+    assert plan.use_gpu and plan.collective == "NCCL"
+    assert plan.resources_per_worker == {"CPU": 4.0, "GPU": 1.0}
+
+
+def test_thread_pools_follow_the_cpu_allotment():
+    env = runtime.thread_env(3)
+    assert env["OMP_NUM_THREADS"] == env["TF_NUM_INTRAOP_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert env["TF_NUM_INTEROP_THREADS"] == "1"
+    assert runtime.thread_env(0)["OMP_NUM_THREADS"] == "1"
+
+
+def test_cluster_size_comes_from_tf_config(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert runtime.cluster_size() == 1
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2", "c:3"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    assert runtime.cluster_size() == 3
+
+
+def test_launcher_asks_ray_for_the_planned_resources():
+    """What `train --workers 4 --cpus-per-worker 2 --gpus-per-worker 1` hands to Ray, without a GPU."""
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.launcher import scaling_config
+
+    gpu = scaling_config(TrainConfig(workers=4, cpus_per_worker=2, gpus_per_worker=1))
+    assert gpu.num_workers == 4 and gpu.use_gpu
+    assert gpu.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}
+    cpu = scaling_config(TrainConfig(workers=2, cpus_per_worker=1))
+    assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 1.0}

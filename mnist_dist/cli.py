@@ -169,21 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mnist_edge.cli import add_arguments
     p = add_arguments(sub.add_parser("predict", help="classify PNG/JPEG/.npy/IDX inputs with an exported model"))
     p.set_defaults(func=cmd_predict)
-
-    _add_optional_commands(sub)
     return parser
-
-
-def _add_optional_commands(sub) -> None:
-    """Commands whose modules register themselves (bench, report, baseline)."""
-    import importlib
-
-    for module in ("mnist_dist.bench", "mnist_dist.report", "mnist_dist.baseline"):
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
 
 
 def main(argv: list[str] | None = None) -> int:

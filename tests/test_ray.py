@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -45,6 +45,8 @@ TRAIN_OPTIONS = {
     "--optimizer": ("optimizer", str, "sgd (momentum 0.9) | adam"),
     "--lr": ("learning_rate", float, "initial learning rate"),
     "--lr-decay": ("lr_decay", float, "learning-rate factor per epoch (staircase)"),
+    "--rotate": ("rotate", float, "with --augment: also rotate training images by up to this many degrees"),
+    "--zoom": ("zoom", float, "with --augment: also scale training images by 1 +- this"),
     "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits)"),
     "--seed": ("seed", int, "shuffling and initialisation seed"),
     "--eval-every": ("eval_every", int, "steps between progress lines"),

@@ -163,7 +163,7 @@ def distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, gl
                              num_shards=ctx.num_replicas_in_sync, shard_ids=range(
                                  ctx.input_pipeline_id * replicas_per_pipeline,
                                  (ctx.input_pipeline_id + 1) * replicas_per_pipeline),
-                             augment=config.augment)
+                             augment=config.augment, rotate_deg=config.rotate, zoom=config.zoom)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 

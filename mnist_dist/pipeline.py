@@ -45,8 +45,34 @@ def _shift(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.image.stateless_random_crop(padded, shape, seed=seed)
 
 
+def _affine(images: tf.Tensor, seed: tf.Tensor, rotate_deg: float, zoom: float) -> tf.Tensor:
+    """Random rotation (+-rotate_deg), zoom (1 +- zoom) and +-2 px shift, in one resampling.
+
+    One projective transform instead of three Keras preprocessing layers: each layer
+    would interpolate again and blur the strokes, and these draws are stateless, so a
+    resumed epoch sees the same images.
+    """
+    n = tf.shape(images)[0]
+    draws = tf.random.stateless_uniform([n, 4], seed=seed, minval=-1.0, maxval=1.0)
+    angle = draws[:, 0] * (rotate_deg * np.pi / 180.0)
+    scale = 1.0 + draws[:, 1] * zoom
+    shift_x, shift_y = draws[:, 2] * 2.0, draws[:, 3] * 2.0
+    # The transform maps each output pixel to the input pixel it samples, about the centre.
+    c = (28 - 1) / 2.0
+    a0, a1 = tf.cos(angle) / scale, tf.sin(angle) / scale
+    b0, b1 = -a1, a0
+    a2 = c - a0 * c - a1 * c + shift_x
+    b2 = c - b0 * c - b1 * c + shift_y
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+        fill_value=-PIXEL_OFFSET / PIXEL_SCALE, interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
 def train_dataset(images: np.ndarray, labels: np.ndarray, *, seed: int, epoch: int, global_batch: int,
-                  num_shards: int = 1, shard_ids=(0,), augment: bool = False) -> tf.data.Dataset:
+                  num_shards: int = 1, shard_ids=(0,), augment: bool = False,
+                  rotate_deg: float = 0.0, zoom: float = 0.0) -> tf.data.Dataset:
     """Per-replica batches of (float32 images (b, 28, 28, 1), int64 labels (b,)) for one epoch."""
     batches = shard_indices(len(labels), seed, epoch, global_batch, num_shards, shard_ids)
     images_t, labels_t = tf.constant(images), tf.constant(labels)
@@ -54,7 +80,8 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, *, seed: int, epoch: i
     def gather(step: tf.Tensor, index: tf.Tensor):
         x = _normalize(tf.gather(images_t, index))
         if augment:
-            x = _shift(x, tf.stack([tf.cast(seed * 100003 + epoch, tf.int64), tf.cast(step, tf.int64)]))
+            step_seed = tf.stack([tf.cast(seed * 100003 + epoch, tf.int64), tf.cast(step, tf.int64)])
+            x = _affine(x, step_seed, rotate_deg, zoom) if (rotate_deg or zoom) else _shift(x, step_seed)
         return x, tf.gather(labels_t, index)
 
     ds = tf.data.Dataset.from_tensor_slices(batches).enumerate()

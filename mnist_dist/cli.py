@@ -16,7 +16,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [UserError, EdgeError]
     for module, name in (("mnist_dist.data", "DataError"), ("mnist_dist.config", "ConfigError"),
-                         ("mnist_dist.checkpoint", "CheckpointError"), ("mnist_dist.export", "ExportError")):
+                         ("mnist_dist.checkpoint", "CheckpointError"), ("mnist_dist.export", "ExportError"),
+                         ("mnist_dist.results", "RunError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -141,6 +142,33 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0 if report["verified"] else 1
 
 
+# ---------------------------------------------------------------- report / baseline
+def cmd_report(args: argparse.Namespace) -> int:
+    from mnist_dist.report import write_report
+
+    write_report(args.run, out=args.out)
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnist_dist import baselines
+    from mnist_dist.config import TrainConfig
+
+    config = TrainConfig(data_dir=args.data_dir, synthetic=args.synthetic, train_limit=args.train_limit,
+                         val_size=args.val_size, batch_size=args.batch_size, epochs=args.epochs).validate()
+    if not config.synthetic:
+        from mnist_dist import data
+        data.verify_dir(config.data_dir)
+    out = args.out or (Path(args.run) / baselines.BASELINES_FILE if args.run else None)
+    if args.run and not Path(args.run).is_dir():
+        from mnist_dist.results import RunError
+        raise RunError(f"{args.run}: run directory does not exist. Fix: pass the --storage/--name folder of a run, or use --out.")
+    baselines.run(config, names=args.models, epochs=args.epochs, out=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-dist", description="Distributed MNIST: train on Ray, export verified ONNX, run on the edge.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -167,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default=None, help="default RUN_DIR/export")
     add_export_arguments(p)
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="plots, prediction grid, confusion matrix and report.md of a finished run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", default=None, help="output folder (default RUN/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("baseline", help="logistic regression and MLP reference points on the same data split")
+    p.add_argument("--run", default=None, help="write RUN/baselines.json, which `report` shows beside the CNN")
+    p.add_argument("--out", default=None, help="write the results as JSON here instead")
+    p.add_argument("--models", nargs="+", default=["logreg", "mlp"], choices=["logreg", "mlp"])
+    p.add_argument("--epochs", type=int, default=10, help="epochs per model (default 10)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--synthetic", action="store_true")
+    p.set_defaults(func=cmd_baseline)
 
     from mnist_edge.cli import add_arguments
     p = add_arguments(sub.add_parser("predict", help="classify PNG/JPEG/.npy/IDX inputs with an exported model"))

@@ -96,6 +96,12 @@ class TrainConfig:
             raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
         return cls(**values)
 
+    @classmethod
+    def known(cls, values: dict[str, Any]) -> "TrainConfig":
+        """From a config saved by an older version: keys it no longer has are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 

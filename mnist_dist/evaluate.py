@@ -9,11 +9,15 @@ import numpy as np
 from mnist_dist.config import TrainConfig
 
 
-def predict_logits(model, images_uint8: np.ndarray, batch: int = 1000) -> np.ndarray:
+def predict_logits(model, images_uint8: np.ndarray, batch: int = 1000, log=None) -> np.ndarray:
+    """Logits of uint8 images; with `log`, progress lines as it goes."""
     from mnist_dist.data import normalize
 
-    return np.concatenate([np.asarray(model(normalize(images_uint8[i: i + batch]), training=False), dtype=np.float32)
-                           for i in range(0, len(images_uint8), batch)])
+    batches = (images_uint8[i: i + batch] for i in range(0, len(images_uint8), batch))
+    if log is not None:
+        from mnist_dist.progress import track
+        batches = track(batches, len(images_uint8), "  TensorFlow", " images", log=log)
+    return np.concatenate([np.asarray(model(normalize(x), training=False), dtype=np.float32) for x in batches])
 
 
 def accuracy_and_loss(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_dist import onnx_graph
+from mnist_dist import machine, onnx_graph
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
 from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION
@@ -105,12 +104,14 @@ def _compare(name: str, logits: np.ndarray, reference: np.ndarray, labels: np.nd
     }
 
 
-def ort_logits(path: Path, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+def ort_logits(path: Path, images: np.ndarray, batch: int = 1000, log=print) -> np.ndarray:
+    from mnist_dist.progress import track
     from mnist_dist.timing import ort_session
 
     session = ort_session(path, threads=os.cpu_count() or 1)
-    return np.concatenate([session.run(None, {onnx_graph.INPUT_NAME: images[i: i + batch]})[0]
-                           for i in range(0, len(images), batch)])
+    batches = (images[i: i + batch] for i in range(0, len(images), batch))
+    return np.concatenate([session.run(None, {onnx_graph.INPUT_NAME: x})[0]
+                           for x in track(batches, len(images), f"  ONNX Runtime {path.name}", " images", log=log)])
 
 
 def export(run: str | None = None, checkpoint: str | None = None, out: str | None = None, opset: int = 17,
@@ -165,11 +166,12 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
 
         log(f"verifying on all {len(data.test_y)} test images ...")
         test_x = normalize(data.test_x)
-        reference = predict_logits(model, data.test_x)
+        reference = predict_logits(model, data.test_x, log=log)
         tf_accuracy = float((reference.argmax(1) == data.test_y).mean())
         sections = {}
         for name, filename in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
-            logits = ort_logits(work / filename, test_x)
+            logits = ort_logits(work / filename, test_x, log=log)
+            log(f"  timing {filename}: batch-1 latency and batch-256 throughput, 1 thread ...")
             sections[name] = _compare(name, logits, reference, data.test_y, work / filename, tf_accuracy)
         rules = verification_rules(sections, tolerance, max_int8_drop_pp)
         report = {
@@ -189,7 +191,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
             "input": {"name": onnx_graph.INPUT_NAME, "shape": ["N", 28, 28, 1], "dtype": "float32",
                       "normalization": json.loads(metadata[META_NORMALIZATION])},
             "output": {"name": onnx_graph.OUTPUT_NAME, "shape": ["N", 10], "meaning": "logits"},
-            "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+            "machine": machine.describe(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json_atomic(work / REPORT_JSON, report)

@@ -22,11 +22,12 @@ PID_DIR_ENV = "MNIST_DIST_PID_DIR"
 class RaySession:
     """The loop's view of Ray Train: rank, restore, and report-with-checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str) -> None:
         import ray.train
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.run_dir = run_dir
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -54,7 +55,7 @@ def worker_main(config_dict: dict[str, Any]) -> None:
 
     config = TrainConfig.from_dict(config_dict)
     runtime.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
-    session = RaySession()
+    session = RaySession(run_dir(config))
     if os.environ.get(PID_DIR_ENV):
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
     runtime.quiet_worker_logs()
@@ -110,7 +111,9 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S")).validate()
+    # Absolute, so that workers (whose working directory differs) find the same run directory.
+    config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S"),
+                            storage=storage_path(config.storage)).validate()
     if config.data_dir is None and not config.synthetic and not os.environ.get("MNIST_DATA_DIR"):
         from mnist_dist.data import resolve_dir
         config = config.replace(data_dir=str(resolve_dir(None)))  # download once, in the driver

@@ -24,11 +24,14 @@ import numpy as np
 from mnist_dist import checkpoint as ckpt
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import Mnist, load, synthetic
+from mnist_dist.summaries import Summaries
+from mnist_dist.summaries import logdir as summaries_logdir
 
 
 class Session(Protocol):
     rank: int
     world_size: int
+    run_dir: str  # where TensorBoard events go (rank 0)
 
     def latest_checkpoint(self) -> ContextManager[Path | None]: ...
 
@@ -41,21 +44,21 @@ class DirectorySession:
     rank, world_size = 0, 1
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = str(run_dir)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.reports: list[dict[str, Any]] = []
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         valid = []
-        for path in sorted(self.run_dir.glob("checkpoint_epoch*")):
+        for path in sorted(Path(self.run_dir).glob("checkpoint_epoch*")):
             with contextlib.suppress(ckpt.CheckpointError):
                 ckpt.load_state(path)
                 valid.append(path)
         yield valid[-1] if valid else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path, epoch: int) -> None:
-        target = self.run_dir / f"checkpoint_epoch{epoch:03d}"
+        target = Path(self.run_dir) / f"checkpoint_epoch{epoch:03d}"
         if target.exists():
             import shutil
             shutil.rmtree(target)
@@ -202,6 +205,9 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
             f"{config.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch; precision {config.precision}")
     train_step = make_train_step(strategy, model, optimizer, global_batch)
     evaluate = make_evaluator(model)
+    summaries = Summaries(summaries_logdir(session.run_dir) if is_chief else None)
+    if start_epoch == 0:
+        summaries.graph(model)
     metrics: dict[str, Any] = history[-1] if history else {}
 
     for epoch in range(start_epoch, config.epochs):
@@ -220,6 +226,10 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                 _, val_acc = evaluate(data.val_x, data.val_y)
                 eval_seconds += time.perf_counter() - eval_start
                 lr = current_lr(optimizer)
+                summaries.scalars(step, {"train/loss": float(loss), "train/learning_rate": lr,
+                                         "train/minibatch_error": float(error), "val/error": 1 - val_acc,
+                                         "val/accuracy": val_acc,
+                                         "train/images_per_second": interval_steps * global_batch / elapsed})
                 say(f"step {step:6d} (epoch {step / steps_per_epoch:5.2f}) | minibatch loss {float(loss):.4f} | "
                     f"lr {lr:.6f} | minibatch error {100 * float(error):5.2f}% | validation error {100 * (1 - val_acc):5.2f}% | "
                     f"{1000 * elapsed / interval_steps:6.1f} ms/step | {interval_steps * global_batch / elapsed:7.0f} img/s")
@@ -236,6 +246,9 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
             "images_per_second": steps_per_epoch * global_batch / epoch_train_seconds,
         }
         history.append(metrics)
+        summaries.scalars(step, {"val/accuracy": val_acc, "val/error": 1 - val_acc, "epoch/val_accuracy": val_acc,
+                                 "epoch/val_loss": val_loss, "epoch/train_loss": metrics["train_loss"],
+                                 "epoch/images_per_second": metrics["images_per_second"]})
         say(f"epoch {epoch + 1}/{config.epochs}: validation accuracy {100 * val_acc:.2f}% (loss {val_loss:.4f}), "
             f"{epoch_train_seconds:.1f} s, {metrics['images_per_second']:.0f} img/s")
         with tempfile.TemporaryDirectory(prefix="mnist-ckpt-") as tmp:
@@ -247,4 +260,5 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                 ckpt.save(out, model, {**metrics, "history": history, "config": config.to_dict(),
                                        "data_source": data.source, "steps_per_epoch": steps_per_epoch})
             session.report(metrics, out, epoch + 1)
+    summaries.close()
     return {**metrics, "history": history, "steps_per_epoch": steps_per_epoch}

@@ -41,6 +41,7 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
 
     `best_dir` is where the checkpoint lives (maybe a bucket path); `eval_dir` a local copy.
     """
+    from mnist_dist import machine
     from mnist_dist.evaluate import evaluate_checkpoint
 
     state, test = evaluate_checkpoint(eval_dir or best_dir, config)
@@ -60,6 +61,7 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
         "train_seconds": last_metrics.get("train_seconds"),
         "wall_seconds": wall_seconds,
         "data_source": state.get("data_source"),
+        "machine": machine.describe(),
         "history": history,
         "config": config.to_dict(),
     }

@@ -169,6 +169,53 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.kind == "train":
+        from mnist_dist.bench.train import run
+        from mnist_dist.config import PRECISIONS, ConfigError
+
+        if args.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {args.precision!r}; choose {' or '.join(PRECISIONS)}")
+        run(model=args.model, global_batch=args.global_batch, precision=args.precision, steps=args.steps,
+            workers=tuple(args.workers), json_path=args.json)
+    elif args.kind == "infer":
+        from mnist_dist.bench.infer import run
+        run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json)
+    else:
+        from mnist_dist.bench.tta import run
+        run(config_from_args(args), target=args.target, json_path=args.json)
+    return 0
+
+
+def add_bench_parsers(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: train throughput, inference latency, time to accuracy")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    k = kinds.add_parser("train", help="img/s: plain Keras fit vs the project's step vs Ray with 1..N workers")
+    k.add_argument("--model", default="tf-tutorial", choices=["tf-tutorial", "lenet5", "cnn-bn"])
+    k.add_argument("--global-batch", type=int, default=256)
+    k.add_argument("--precision", default="fp32", help="fp32 | bf16 (mixed bfloat16)")
+    k.add_argument("--steps", type=int, default=100, help="global batches per epoch; the second of 2 epochs is timed")
+    k.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to measure")
+    k.add_argument("--json", default=None, help="also write the figures here")
+    k.set_defaults(func=cmd_bench)
+
+    k = kinds.add_parser("infer", help="TensorFlow vs ONNX Runtime fp32/int8: batch-1 latency, batch-256 throughput")
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--export", help="a verified export directory")
+    src.add_argument("--run", help="a run directory with a verified RUN/export")
+    k.add_argument("--iterations", type=int, default=2000, help="batch-1 runs per latency figure")
+    k.add_argument("--json", default=None)
+    k.set_defaults(func=cmd_bench)
+
+    k = kinds.add_parser("tta", help="training seconds until the test accuracy first reaches --target")
+    add_train_arguments(k)
+    k.add_argument("--target", type=float, default=0.99, help="test accuracy to reach (default 0.99)")
+    k.add_argument("--json", default=None)
+    k.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-dist", description="Distributed MNIST: train on Ray, export verified ONNX, run on the edge.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -212,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--synthetic", action="store_true")
     p.set_defaults(func=cmd_baseline)
+
+    add_bench_parsers(sub)
 
     from mnist_edge.cli import add_arguments
     p = add_arguments(sub.add_parser("predict", help="classify PNG/JPEG/.npy/IDX inputs with an exported model"))

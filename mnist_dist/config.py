@@ -37,6 +37,9 @@ class TrainConfig:
     precision: str = "fp32"
     seed: int = 0
     eval_every: int = 100  # steps between progress lines
+    # Benchmarks only (`bench tta`): also score the test set at each eval interval. The
+    # scores are recorded, never used to choose anything.
+    probe_test: bool = False
 
     # What it is trained on.
     data_dir: str | None = None

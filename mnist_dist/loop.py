@@ -213,7 +213,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
     for epoch in range(start_epoch, config.epochs):
         epoch_start = interval_start = time.perf_counter()
         eval_seconds = 0.0
-        losses = []
+        losses, probes = [], []
         interval_steps = 0
         for batch in distributed_epoch(strategy, data, config, epoch, global_batch):
             loss, error = train_step(batch)
@@ -224,6 +224,9 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                 elapsed = time.perf_counter() - interval_start
                 eval_start = time.perf_counter()
                 _, val_acc = evaluate(data.val_x, data.val_y)
+                if config.probe_test:
+                    probes.append({"step": step, "train_seconds": train_seconds + eval_start - epoch_start - eval_seconds,
+                                   "test_accuracy": evaluate(data.test_x, data.test_y)[1]})
                 eval_seconds += time.perf_counter() - eval_start
                 lr = current_lr(optimizer)
                 summaries.scalars(step, {"train/loss": float(loss), "train/learning_rate": lr,
@@ -245,6 +248,9 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
             "epoch_train_seconds": epoch_train_seconds, "train_seconds": train_seconds,
             "images_per_second": steps_per_epoch * global_batch / epoch_train_seconds,
         }
+        if config.probe_test and is_chief:
+            metrics["test_probes"] = probes + [{"step": step, "train_seconds": train_seconds,
+                                                "test_accuracy": evaluate(data.test_x, data.test_y)[1]}]
         history.append(metrics)
         summaries.scalars(step, {"val/accuracy": val_acc, "val/error": 1 - val_acc, "epoch/val_accuracy": val_acc,
                                  "epoch/val_loss": val_loss, "epoch/train_loss": metrics["train_loss"],

@@ -1,0 +1,127 @@
+"""`mnist-dist bench train`: training throughput side by side, same model, global batch
+and precision:
+
+  (a) plain single-process Keras `model.fit` (the baseline);
+  (b) the project's `strategy.run` step in one process (the default strategy);
+  (c) the project through Ray Train with each requested number of workers
+      (MultiWorkerMirroredStrategy when more than one).
+
+Each setup runs in its own fresh process (thread pools are per process) for two epochs of
+`--steps` global batches; the second epoch is measured, so tracing and warm-up are
+excluded, and no evaluation is counted. For Ray it also reports the start-up overhead:
+the wall time of the whole `mnist-dist train` minus its training time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mnist_dist.bench import header, save, table
+from mnist_dist.machine import usable_cores
+
+
+def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
+    """(a), in this process: what a user gets from `compile` + `fit` with default settings."""
+    import keras
+
+    from mnist_dist.data import load, normalize
+    from mnist_dist.models import build
+
+    data = load(train_limit=steps * global_batch, val_size=1000)
+    model = build(model_name, precision=precision)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    epoch_seconds = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_seconds.append(time.perf_counter() - self.start)
+
+    model.fit(normalize(data.train_x), data.train_y, batch_size=global_batch, epochs=2, verbose=0,
+              callbacks=[Timer()], shuffle=True)
+    return {"img_s": steps * global_batch / epoch_seconds[-1], "jit_compile": bool(model.jit_compile)}
+
+
+def _project_step(model_name: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
+    """(b), in this process: the training loop the Ray workers run, with the default strategy."""
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.local import train_in_process
+
+    with tempfile.TemporaryDirectory() as storage:
+        config = TrainConfig(model=model_name, batch_size=global_batch, precision=precision, epochs=2,
+                             train_limit=steps * global_batch, val_size=1000, eval_every=10**9,
+                             cpus_per_worker=usable_cores(), storage=storage, name="bench")
+        result = train_in_process(config, log=lambda _line: None)
+    return {"img_s": result["history"][-1]["images_per_second"]}
+
+
+def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers: int) -> dict[str, Any]:
+    """(c): the real command line, so start-up is measured as a user meets it."""
+    cpus = max(1, usable_cores() // workers)
+    with tempfile.TemporaryDirectory() as storage:
+        command = [sys.executable, "-m", "mnist_dist.cli", "train", "--model", model_name, "--workers", str(workers),
+                   "--batch-size", str(global_batch // workers), "--precision", precision, "--epochs", "2",
+                   "--train-limit", str(steps * global_batch), "--val-size", "1000", "--eval-every", str(10**9),
+                   "--cpus-per-worker", str(cpus), "--storage", storage, "--name", "bench"]
+        started = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode:
+            raise RuntimeError(f"`{' '.join(command)}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        result = json.loads((Path(storage) / "bench" / "result.json").read_text())
+    return {"img_s": result["history"][-1]["images_per_second"], "wall_seconds": wall,
+            "train_seconds": result["train_seconds"], "startup_overhead_seconds": wall - result["train_seconds"],
+            "cpus_per_worker": cpus}
+
+
+def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "mnist_dist.bench.train", setup, model, str(global_batch),
+                           precision, str(steps)], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if proc.returncode:
+        raise RuntimeError(f"bench setup {setup} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "fp32", steps: int = 100,
+        workers: tuple[int, ...] = (1, 2), json_path: str | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    for n in workers:
+        if global_batch % n:
+            raise ValueError(f"global batch {global_batch} does not split over {n} workers; pick a multiple of {n}")
+    machine = header(log)
+    log(f"model {model}, global batch {global_batch}, precision {precision}, {steps} steps per epoch, "
+        "second of 2 epochs measured")
+    setups: dict[str, dict[str, Any]] = {}
+    plan = [("plain keras fit", lambda: _in_subprocess("plain", model, global_batch, precision, steps)),
+            ("project step, 1 process", lambda: _in_subprocess("step", model, global_batch, precision, steps))]
+    plan += [(f"ray, {n} worker{'s' * (n > 1)}", lambda n=n: _ray(model, global_batch, precision, steps, n)) for n in workers]
+    for number, (name, measure) in enumerate(plan, 1):
+        log(f"[{number}/{len(plan)}] {name} ...")
+        setups[name] = measure()
+    base = setups["plain keras fit"]["img_s"]
+    table(["setup", "img/s", "vs plain fit", "wall s", "of which training s", "start-up overhead s"],
+          [[name, f"{s['img_s']:,.0f}", f"{s['img_s'] / base:.2f}x",
+            *([f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}", f"{s['startup_overhead_seconds']:.1f}"]
+              if "wall_seconds" in s else ["", "", ""])] for name, s in setups.items()], log)
+    payload = {"benchmark": "train", "machine": machine, "model": model, "global_batch": global_batch,
+               "precision": precision, "steps": steps, "setups": setups,
+               "ratios_to_plain_fit": {name: s["img_s"] / base for name, s in setups.items()}}
+    save(json_path, payload, log)
+    return payload
+
+
+if __name__ == "__main__":
+    # One setup in a fresh process: `python -m mnist_dist.bench.train plain|step MODEL BATCH PRECISION STEPS`.
+    setup, model_name, batch, precision_name, steps_per_epoch = sys.argv[1:6]
+    measure = {"plain": _plain_fit, "step": _project_step}[setup]
+    print(json.dumps(measure(model_name, int(batch), precision_name, int(steps_per_epoch))))

@@ -1,0 +1,51 @@
+"""`mnist-dist bench tta`: time to accuracy.
+
+Trains with a training configuration (by default the `default` preset: 2 Ray workers) and
+scores the *current* weights on the test set at every eval interval and epoch end. The
+figure is the training wall-clock time (evaluation excluded, tracing of the first step
+included) at which test accuracy first reaches the target. Test scores are recorded only;
+they choose nothing.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from mnist_dist.bench import header, save, table
+
+
+def first_reaching(probes: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    return next((p for p in probes if p["test_accuracy"] >= target), None)
+
+
+def run(config, target: float = 0.99, json_path: str | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    from mnist_dist.cli import run_training
+
+    machine = header(log)
+    config = config.replace(probe_test=True).validate()
+    log(f"{config.model}, {config.workers} worker(s) x batch {config.batch_size}, lr {config.learning_rate}, "
+        f"precision {config.precision}, up to {config.epochs} epochs; test accuracy every {config.eval_every} steps")
+    started = time.perf_counter()
+    result = run_training(config)
+    wall = time.perf_counter() - started
+    probes = [p for epoch in result["history"] for p in epoch.get("test_probes", [])]
+    steps_per_epoch = result["global_step"] / result["epochs_completed"]
+    table(["step", "epoch", "training s", "test accuracy"],
+          [[p["step"], f"{p['step'] / steps_per_epoch:.2f}", f"{p['train_seconds']:.1f}", f"{100 * p['test_accuracy']:.2f}%"]
+           for p in probes], log)
+    hit = first_reaching(probes, target)
+    if hit:
+        log(f"time to {100 * target:.1f}% test accuracy: {hit['train_seconds']:.1f} s of training "
+            f"(step {hit['step']}, epoch {hit['step'] / steps_per_epoch:.2f})")
+    else:
+        log(f"did not reach {100 * target:.1f}% in {config.epochs} epochs "
+            f"(best probe {100 * max(p['test_accuracy'] for p in probes):.2f}%)")
+    log(f"wall {wall:.1f} s for the whole command, training {result['train_seconds']:.1f} s: "
+        f"start-up, evaluation and checkpoint overhead {wall - result['train_seconds']:.1f} s")
+    payload = {"benchmark": "tta", "machine": machine, "target": target, "config": config.to_dict(),
+               "seconds_to_target": hit["train_seconds"] if hit else None, "reached_at": hit, "probes": probes,
+               "wall_seconds": wall, "train_seconds": result["train_seconds"],
+               "final_test_accuracy": result["test_accuracy"]}
+    save(json_path, payload, log)
+    return payload

@@ -23,7 +23,7 @@ def test_tensorboard_events_hold_every_scalar_and_the_graph(ray_run):
     assert [step for step, _ in scalars["epoch/val_accuracy"]] == [m["global_step"] for m in result["history"]]
     assert [v for _, v in scalars["epoch/val_accuracy"]] == pytest.approx([m["val_accuracy"] for m in result["history"]])
     assert [step for step, _ in scalars["train/loss"]] == [20, 40, 60, 80, 100, 120]
-    assert all(0 < lr <= 0.05 for _, lr in scalars["train/learning_rate"])
+    assert all(0 < lr <= 0.05 + 1e-6 for _, lr in scalars["train/learning_rate"])  # float32
     accumulator = EventAccumulator(str(logdir))
     accumulator.Reload()
     assert accumulator.Tags()["graph"], "the model graph is in the events"
@@ -57,7 +57,7 @@ def test_report_of_a_real_run_with_baselines_and_export(ray_run, exported):
     assert f"**Test accuracy {100 * result['test_accuracy']:.2f}%**" in text
     assert f"epoch {result['best_epoch']}, chosen because it has the highest validation accuracy" in text
     for needle in ("![training curves](curves.png)", "![test predictions](predictions.png)", "| logreg | 7,850 |",
-                   "## Export", "| fp32 |", "| int8 |", '"model": "tf-tutorial"', "machine: ", "tensorflow 2.21"):
+                   "## Export", "| fp32 |", "| int8 |", '"model": "tf-tutorial"', "machine: ", "keras 3."):
         assert needle in text, needle
     epoch_rows = [line for line in text.splitlines() if line.startswith(("| 1 ", "| 2 ", "| 3 "))]
     assert len(epoch_rows) == len(result["history"]) == 2

@@ -1,0 +1,55 @@
+"""Each benchmark once, in its smallest form: they run and report; no timing is asserted."""
+import json
+
+from conftest import run_cli
+from mnist_dist.bench.tta import first_reaching
+
+
+def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
+    out = tmp_path / "train.json"
+    proc = run_cli("bench", "train", "--model", "lenet5", "--steps", "3", "--global-batch", "32", "--workers", "1",
+                   "--json", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "machine: " in proc.stdout and "tensorflow" in proc.stdout and "vs plain fit" in proc.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["setups"]) == {"plain keras fit", "project step, 1 process", "ray, 1 worker"}
+    assert figures["ratios_to_plain_fit"]["plain keras fit"] == 1.0
+    assert all(s["img_s"] > 0 for s in figures["setups"].values())
+    ray = figures["setups"]["ray, 1 worker"]
+    assert ray["wall_seconds"] > ray["train_seconds"] > 0
+    assert figures["machine"]["cores"] >= 1 and "keras" in figures["machine"]["versions"]
+
+
+def test_bench_infer_measures_tensorflow_and_both_onnx_models(exported, tmp_path):
+    out = tmp_path / "infer.json"
+    proc = run_cli("bench", "infer", "--export", exported["dir"], "--iterations", "20", "--json", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runtimes = json.loads(out.read_text())["runtimes"]
+    assert set(runtimes) == {"tensorflow", "onnxruntime fp32", "onnxruntime int8"}
+    for row in runtimes.values():
+        assert row["latency_us_p99"] >= row["latency_us_p50"] > 0 and row["b256_img_s_1t"] > 0
+
+
+def test_bench_infer_refuses_a_missing_export(tmp_path):
+    proc = run_cli("bench", "infer", "--export", tmp_path)
+    assert proc.returncode == 2 and "no report.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
+    out = tmp_path / "tta.json"
+    proc = run_cli("bench", "tta", "--preset", "smoke", "--workers", "1", "--epochs", "1", "--eval-every", "8",
+                   "--target", "0.5", "--storage", tmp_path, "--name", "tta", "--json", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    steps = [p["step"] for p in figures["probes"]]
+    assert steps == [8, 16, 24, 32, 32]  # every 8 steps of 32, and the epoch end
+    times = [p["train_seconds"] for p in figures["probes"]]
+    assert times == sorted(times) and times[-1] <= figures["train_seconds"] + 1e-6
+    assert figures["reached_at"] == first_reaching(figures["probes"], 0.5)
+    assert "time to 50.0% test accuracy" in proc.stdout or "did not reach" in proc.stdout
+
+
+def test_first_reaching_picks_the_first_probe_at_or_over_the_target():
+    probes = [{"test_accuracy": a, "train_seconds": t} for a, t in ((0.9, 1), (0.991, 2), (0.995, 3))]
+    assert first_reaching(probes, 0.99)["train_seconds"] == 2
+    assert first_reaching(probes, 0.999) is None

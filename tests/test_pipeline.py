@@ -47,3 +47,30 @@ def test_train_dataset_normalizes_and_augments():
     assert set(np.unique(np.round(shifted.numpy(), 4))) <= {-0.5, 0.5}
     ex, ey = next(iter(eval_dataset(images, labels, batch=100)))
     assert ex.shape == (100, 28, 28, 1)
+
+
+def test_rotation_and_zoom_are_stateless_and_keep_the_digit():
+    rng = np.random.default_rng(0)
+    images = np.zeros((128, 28, 28), np.uint8)
+    images[:, 8:20, 12:16] = 255  # a bar in the middle: it must stay in the frame
+    labels = rng.integers(0, 10, 128)
+
+    def first_batch(seed, epoch):
+        return next(iter(train_dataset(images, labels, seed=seed, epoch=epoch, global_batch=64, augment=True,
+                                       rotate_deg=10, zoom=0.1)))[0].numpy()
+
+    a, b, other_epoch = first_batch(0, 0), first_batch(0, 0), first_batch(0, 1)
+    plain = next(iter(train_dataset(images, labels, seed=0, epoch=0, global_batch=64)))[0].numpy()
+    assert np.array_equal(a, b), "a resumed epoch sees the same augmented images"
+    assert not np.array_equal(a, other_epoch) and not np.array_equal(a, plain)
+    assert a.min() >= -0.5 - 1e-6 and a.max() <= 0.5 + 1e-6
+    ink = (a + 0.5).sum(axis=(1, 2, 3)) / (plain + 0.5).sum(axis=(1, 2, 3))
+    assert np.all((ink > 0.7) & (ink < 1.3)), "rotation by <= 10 degrees and zoom by <= 10% keep the stroke"
+
+
+@pytest.mark.parametrize("field, value", [("rotate", -1.0), ("rotate", 90.0), ("zoom", 0.5)])
+def test_augmentation_ranges_are_checked(field, value):
+    from mnist_dist.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value}).validate()

@@ -117,8 +117,8 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
     if config.data_dir is None and not config.synthetic and not os.environ.get("MNIST_DATA_DIR"):
         from mnist_dist.data import resolve_dir
         config = config.replace(data_dir=str(resolve_dir(None)))  # download once, in the driver
-    init_ray(config)
     started = time.perf_counter()
+    init_ray(config)
     trainer = TensorflowTrainer(
         worker_main,
         train_loop_config=config.to_dict(),

@@ -8,6 +8,7 @@ Both are written whole or not at all (temp file + rename; a single put on object
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
     from mnist_dist import machine
     from mnist_dist.evaluate import evaluate_checkpoint
 
+    evaluation_started = time.perf_counter()
     state, test = evaluate_checkpoint(eval_dir or best_dir, config)
+    wall_seconds += time.perf_counter() - evaluation_started  # the test score is part of the run
     best = {"checkpoint": best_dir, "epoch": best_metrics["epoch"], "val_accuracy": best_metrics["val_accuracy"],
             "global_step": best_metrics["global_step"]}
     summary = {
@@ -69,6 +72,9 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
     write(run_dir, RESULT_FILE, summary)
     log(f"best epoch {best['epoch']}: validation accuracy {100 * best['val_accuracy']:.2f}%, "
         f"test accuracy {100 * test['accuracy']:.2f}% (best of {last_metrics['epoch']} epochs, chosen on validation)")
+    train_seconds = last_metrics.get("train_seconds") or 0.0
+    log(f"time: {wall_seconds:.1f} s wall, of which {train_seconds:.1f} s training and {wall_seconds - train_seconds:.1f} s "
+        "start-up, evaluation, checkpoints and the test score")
     log(f"best checkpoint: {best_dir}")
     log(f"run directory: {run_dir} (result.json, best.json)")
     return summary

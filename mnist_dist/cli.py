@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             workers=tuple(args.workers), json_path=args.json)
     elif args.kind == "infer":
         from mnist_dist.bench.infer import run
-        run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json)
+        run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
     else:
         from mnist_dist.bench.tta import run
         run(config_from_args(args), target=args.target, json_path=args.json)
@@ -206,6 +206,7 @@ def add_bench_parsers(sub) -> None:
     src.add_argument("--export", help="a verified export directory")
     src.add_argument("--run", help="a run directory with a verified RUN/export")
     k.add_argument("--iterations", type=int, default=2000, help="batch-1 runs per latency figure")
+    k.add_argument("--profile", action="store_true", help="also print ONNX Runtime's per-node times and the weight-read floor")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 

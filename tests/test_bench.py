@@ -22,9 +22,14 @@ def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
 
 def test_bench_infer_measures_tensorflow_and_both_onnx_models(exported, tmp_path):
     out = tmp_path / "infer.json"
-    proc = run_cli("bench", "infer", "--export", exported["dir"], "--iterations", "20", "--json", out)
+    proc = run_cli("bench", "infer", "--export", exported["dir"], "--iterations", "20", "--profile", "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runtimes = json.loads(out.read_text())["runtimes"]
+    figures = json.loads(out.read_text())
+    runtimes = figures["runtimes"]
+    ops = {op for op, _node, _us in figures["profile"]["fp32"]}
+    assert {"Gemm", "FusedGemm"} & ops and any(op.startswith("Conv") or op == "FusedConv" for op in ops), ops
+    assert any(op.startswith("QLinear") or op == "QGemm" for op, _n, _u in figures["profile"]["int8"])
+    assert "floor: one numpy matrix-vector product" in proc.stdout
     assert set(runtimes) == {"tensorflow", "onnxruntime fp32", "onnxruntime int8"}
     for row in runtimes.values():
         assert row["latency_us_p99"] >= row["latency_us_p50"] > 0 and row["b256_img_s_1t"] > 0

@@ -58,6 +58,46 @@ def _onnxruntime(path: Path, threads: int, iterations: int) -> dict[str, Any]:
     return result
 
 
+def node_profile(path: Path, runs: int = 300) -> list[tuple[str, str, float]]:
+    """(op, node, median µs) of each node at batch 1, 1 thread, from ONNX Runtime's own profiler."""
+    import collections
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = f"{tmp}/ort"
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        one, _ = _inputs()
+        for _ in range(runs):
+            session.run(None, {name: one})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    durations: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            durations[(event["args"].get("op_name", "?"), event["name"][: -len("_kernel_time")])].append(event["dur"])
+    return [(op, node, float(np.median(d))) for (op, node), d in durations.items()]
+
+
+def weight_stream_floor_us(path: Path, iterations: int = 500) -> tuple[float, int]:
+    """Batch-1 time of a matrix-vector product over the model's largest weight matrix, in numpy:
+    at batch 1 every weight is read once per image, so this bounds what any runtime can do."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mnist_dist.timing import latency_us
+
+    largest = max((numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer), key=lambda a: a.size)
+    weights = np.ascontiguousarray(largest.reshape(largest.shape[0], -1).astype(np.float32))
+    vector = np.ones((1, weights.shape[0]), np.float32)
+    return latency_us(lambda: vector @ weights, iterations)["p50"], weights.nbytes
+
+
 def _tf_in_subprocess(checkpoint: str, threads: int, iterations: int) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "mnist_dist.bench.infer", checkpoint, str(threads), str(iterations)],
                           capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -80,7 +120,7 @@ def resolve_export(export: str | None, run: str | None) -> Path:
 
 
 def run(export: str | None = None, run_dir: str | None = None, iterations: int = 2000,
-        json_path: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        json_path: str | None = None, profile: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     from mnist_edge.runtime import FP32_FILE, INT8_FILE
 
     directory = resolve_export(export, run_dir)
@@ -102,7 +142,17 @@ def run(export: str | None = None, run_dir: str | None = None, iterations: int =
           [[name, f"{r['latency_us_p50']:,.0f}", f"{r['latency_us_p99']:,.0f}",
             *[f"{r[f'b256_img_s_{t}t']:,.0f}" for t in thread_counts],
             f"{base['latency_us_p50'] / r['latency_us_p50']:.2f}x"] for name, r in rows.items()], log)
-    payload = {"benchmark": "infer", "machine": machine, "export": str(directory), "model": report["model"],
+    profiles = {}
+    if profile:
+        for name, file in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+            profiles[name] = node_profile(directory / file)
+            log(f"where the time goes, {name}, batch 1, 1 thread (ONNX Runtime profiler; medians):")
+            table(["op", "node", "us"], [[op, node[-48:], f"{us:.0f}"] for op, node, us in profiles[name]], log)
+        floor_us, floor_bytes = weight_stream_floor_us(directory / FP32_FILE)
+        log(f"floor: one numpy matrix-vector product over the largest fp32 weight matrix ({floor_bytes / 1e6:.1f} MB) "
+            f"takes {floor_us:.0f} us on this core (1 thread; OpenBLAS may use more)")
+        profiles["largest_weight_matvec_us"] = floor_us
+    payload = {"benchmark": "infer", "profile": profiles, "machine": machine, "export": str(directory), "model": report["model"],
                "runtimes": rows, "sizes_bytes": {"fp32": report["fp32"]["size_bytes"], "int8": report["int8"]["size_bytes"]}}
     save(json_path, payload, log)
     return payload

@@ -161,10 +161,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     if not config.synthetic:
         from mnist_dist import data
         data.verify_dir(config.data_dir)
+    if args.run:
+        from mnist_dist.results import require_run_dir
+        require_run_dir(args.run)
     out = args.out or (Path(args.run) / baselines.BASELINES_FILE if args.run else None)
-    if args.run and not Path(args.run).is_dir():
-        from mnist_dist.results import RunError
-        raise RunError(f"{args.run}: run directory does not exist. Fix: pass the --storage/--name folder of a run, or use --out.")
     baselines.run(config, names=args.models, epochs=args.epochs, out=out)
     return 0
 

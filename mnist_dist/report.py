@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mnist_dist import baselines, summaries
-from mnist_dist.results import RESULT_FILE, RunError, best_checkpoint
+from mnist_dist.results import RESULT_FILE, RunError, best_checkpoint, require_run_dir
 
 REPORT_DIR = "report"
 GRID = (6, 10)  # rows x columns of the prediction grid
@@ -34,9 +34,7 @@ def _pyplot():
 
 
 def load_result(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RESULT_FILE
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory does not exist. Fix: pass the --storage/--name folder of a training run.")
+    path = require_run_dir(run_dir) / RESULT_FILE
     if not path.is_file():
         raise RunError(f"{run_dir}: no {RESULT_FILE}, so the run did not finish. Fix: re-run the same "
                        "`mnist-dist train` command to resume it, then report.")

@@ -80,11 +80,16 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
     return summary
 
 
-def best_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The best checkpoint of a finished run, from best.json."""
+def require_run_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory does not exist. Fix: pass the --storage/--name folder of a training run.")
+    return run_dir
+
+
+def best_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The best checkpoint of a finished run, from best.json."""
+    run_dir = require_run_dir(run_dir)
     pointer = run_dir / BEST_FILE
     if not pointer.is_file():
         has_checkpoints = any(run_dir.glob("checkpoint_*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from mnist_dist.config import MODELS
 
 
 class UserError(Exception):
@@ -40,12 +41,13 @@ def cmd_data(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- train
 TRAIN_OPTIONS = {
     # flag: (config field, type, help)
-    "--model": ("model", str, "tf-tutorial | lenet5 | cnn-bn"),
+    "--model": ("model", str, "tf-tutorial | lenet5 | cnn-bn | cnn-deep"),
     "--epochs": ("epochs", int, "epochs to train"),
     "--batch-size": ("batch_size", int, "per-worker batch; global batch = batch-size x workers"),
     "--optimizer": ("optimizer", str, "sgd (momentum 0.9) | adam"),
     "--lr": ("learning_rate", float, "initial learning rate"),
     "--lr-decay": ("lr_decay", float, "learning-rate factor per epoch (staircase)"),
+    "--l2": ("l2", float, "weight decay on dense layers, in the tutorial's units (default 5e-4)"),
     "--rotate": ("rotate", float, "with --augment: also rotate training images by up to this many degrees"),
     "--zoom": ("zoom", float, "with --augment: also scale training images by 1 +- this"),
     "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits)"),
@@ -193,7 +195,7 @@ def add_bench_parsers(sub) -> None:
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
 
     k = kinds.add_parser("train", help="img/s: plain Keras fit vs the project's step vs Ray with 1..N workers")
-    k.add_argument("--model", default="tf-tutorial", choices=["tf-tutorial", "lenet5", "cnn-bn"])
+    k.add_argument("--model", default="tf-tutorial", choices=list(MODELS))
     k.add_argument("--global-batch", type=int, default=256)
     k.add_argument("--precision", default="fp32", help="fp32 | bf16 (mixed bfloat16)")
     k.add_argument("--steps", type=int, default=100, help="global batches per epoch; the second of 2 epochs is timed")

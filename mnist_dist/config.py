@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-MODELS = ("tf-tutorial", "lenet5", "cnn-bn")
+MODELS = ("tf-tutorial", "lenet5", "cnn-bn", "cnn-deep")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16")
 

@@ -130,6 +130,32 @@ def make_train_step(strategy, model, optimizer, global_batch: int) -> Callable:
     return train_step
 
 
+def make_statistics_sync(strategy, model) -> Callable[[], None]:
+    """Averages the float non-trainable weights (batch-norm moving statistics) over replicas.
+
+    Gradients are all-reduced, but each replica updates its moving statistics from its own
+    shard of the batch, so they drift apart. Averaging them at every epoch end, before the
+    evaluation and the checkpoint, keeps every worker's model bit-identical.
+    """
+    import tensorflow as tf
+
+    stats = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
+    if not stats or strategy.num_replicas_in_sync == 1:
+        return lambda: None
+
+    def local_statistics():
+        return tf.concat([tf.reshape(tf.cast(v.value, tf.float32), [-1]) for v in stats], axis=0)
+
+    @tf.function
+    def sync():
+        # One all-reduce for all of them; `strategy.reduce` is the collective the train step uses.
+        means = strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(local_statistics), axis=None)
+        for variable, mean in zip(stats, tf.split(means, [int(np.prod(v.shape)) for v in stats])):
+            variable.assign(tf.cast(tf.reshape(mean, variable.shape), variable.dtype))
+
+    return sync
+
+
 def make_evaluator(model) -> Callable[[np.ndarray, np.ndarray], tuple[float, float]]:
     """(loss, accuracy) of the current weights on uint8 images; runs locally, no collectives."""
     import keras
@@ -205,6 +231,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
             f"{config.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch; precision {config.precision}")
     train_step = make_train_step(strategy, model, optimizer, global_batch)
     evaluate = make_evaluator(model)
+    sync_statistics = make_statistics_sync(strategy, model)
     summaries = Summaries(summaries_logdir(session.run_dir) if is_chief else None)
     if start_epoch == 0:
         summaries.graph(model)
@@ -239,6 +266,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                 interval_steps, interval_start = 0, time.perf_counter()
         epoch_train_seconds = time.perf_counter() - epoch_start - eval_seconds
         train_seconds += epoch_train_seconds
+        sync_statistics()
         val_loss, val_acc = evaluate(data.val_x, data.val_y)
         step = int(optimizer.iterations.numpy())
         lr = current_lr(optimizer)

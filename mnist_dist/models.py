@@ -25,7 +25,7 @@ def _dense(units: int, l2: float, dtype: str, **kwargs) -> layers.Dense:
 
 
 def tf_tutorial(l2: float, dtype: str) -> keras.Model:
-    """The TensorFlow tutorial's LeNet-5-like CNN (convolutional.py): 3,274,634 parameters."""
+    """The TensorFlow tutorial's LeNet-5-like CNN (convolutional.py): 1,663,370 parameters."""
     return keras.Sequential([
         keras.Input(INPUT_SHAPE, name="image"),
         layers.Conv2D(32, 5, padding="same", activation="relu", dtype=dtype),
@@ -57,8 +57,8 @@ def lenet5(l2: float, dtype: str) -> keras.Model:
 def cnn_bn(l2: float, dtype: str) -> keras.Model:
     """The tutorial CNN with batch norm after each conv and the hidden dense layer.
 
-    Trained with shifted images (the `best` preset) it passes 99.6%. Batch norm folds into
-    the convolutions at export, so the edge model costs what the tutorial CNN costs.
+    Trained with shifted images it reaches 99.56% here. Batch norm folds into the
+    convolutions at export, so the edge model costs what the tutorial CNN costs.
     """
     def conv_bn(filters: int) -> list[layers.Layer]:
         return [layers.Conv2D(filters, 5, padding="same", use_bias=False, dtype=dtype),
@@ -77,7 +77,31 @@ def cnn_bn(l2: float, dtype: str) -> keras.Model:
     ], name="cnn-bn")
 
 
-BUILDERS = {"tf-tutorial": tf_tutorial, "lenet5": lenet5, "cnn-bn": cnn_bn}
+def cnn_deep(l2: float, dtype: str) -> keras.Model:
+    """Stacked 3x3 convolutions with batch norm, strided 5x5 convolutions instead of pooling,
+    dropout 0.4, no hidden dense layer: 326,826 parameters.
+
+    The design of Chris Deotte's Kaggle study of MNIST CNNs ("How to choose CNN
+    architecture", 2018), the strongest single model there. The `best` preset trains it.
+    """
+    def conv(filters: int, size: int, **kwargs) -> list[layers.Layer]:
+        return [layers.Conv2D(filters, size, use_bias=False, dtype=dtype, **kwargs),
+                layers.BatchNormalization(dtype=dtype), layers.ReLU(dtype=dtype)]
+
+    return keras.Sequential([
+        keras.Input(INPUT_SHAPE, name="image"),
+        *conv(32, 3), *conv(32, 3), *conv(32, 5, strides=2, padding="same"),
+        layers.Dropout(0.4, dtype=dtype),
+        *conv(64, 3), *conv(64, 3), *conv(64, 5, strides=2, padding="same"),
+        layers.Dropout(0.4, dtype=dtype),
+        *conv(128, 4),
+        layers.Flatten(dtype=dtype),
+        layers.Dropout(0.4, dtype=dtype),
+        _dense(NUM_CLASSES, l2, "float32", name="logits"),
+    ], name="cnn-deep")
+
+
+BUILDERS = {"tf-tutorial": tf_tutorial, "lenet5": lenet5, "cnn-bn": cnn_bn, "cnn-deep": cnn_deep}
 
 
 def build(name: str, l2: float = 5e-4, precision: str = "fp32") -> keras.Model:

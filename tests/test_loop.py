@@ -17,6 +17,8 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["replicas"] == [1, 2]
     assert out["replicas_identical"] is True
+    assert out["batch_norm_identical_before_sync"] is False
+    assert out["batch_norm_identical_after_sync"] is True
     # Same global batch, loss averaged over it, gradients summed over replicas: the same run.
     np.testing.assert_allclose(out["double"], out["single"], rtol=1e-4, atol=1e-5)
     assert out["max_weight_diff"] < 1e-4

@@ -27,14 +27,18 @@ def test_two_worker_run_writes_result_and_best_pointer(ray_run):
     assert "test accuracy" in ray_run["stdout"] and best["checkpoint"] in ray_run["stdout"]
 
 
-def test_workers_hold_bit_identical_weights(ray_run):
-    checkpoints = sorted(ray_run["run_dir"].glob("checkpoint_epoch*"))
-    assert len(checkpoints) == 2
+def _assert_replicas_identical(run_dir, epochs):
+    checkpoints = sorted(run_dir.glob("checkpoint_epoch*"))
+    assert len(checkpoints) == epochs
     for checkpoint in checkpoints:
         digests = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["weights_sha256"]
                    for p in checkpoint.glob("replica-*.json")}
         assert sorted(digests) == [0, 1]
         assert len(set(digests.values())) == 1, f"replicas diverged in {checkpoint.name}: {digests}"
+
+
+def test_workers_hold_bit_identical_weights(ray_run):
+    _assert_replicas_identical(ray_run["run_dir"], epochs=2)
 
 
 def test_checkpoint_restores_to_the_same_validation_accuracy(ray_run):
@@ -51,8 +55,8 @@ def test_driver_prints_rank_zero_lines_once(ray_run):
     assert out.count("epoch 1/2: validation accuracy") == 1
 
 
-def _start_training(storage, name, extra_env=None, epochs=3):
-    args = [sys.executable, "-m", "mnist_dist.cli", "train", "--preset", "smoke", "--workers", "2", "--batch-size", "32",
+def _start_training(storage, name, extra_env=None, epochs=3, model="lenet5"):
+    args = [sys.executable, "-m", "mnist_dist.cli", "train", "--preset", "smoke", "--model", model, "--workers", "2", "--batch-size", "32",
             "--train-limit", "6144", "--val-size", "1000", "--epochs", str(epochs), "--eval-every", "50",
             "--storage", str(storage), "--name", name, "--max-failures", "1"]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -81,7 +85,8 @@ def _assert_complete_and_continuous(run_dir, epochs=3):
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(tmp_path):
     pids = tmp_path / "pids"
     pids.mkdir()
-    proc = _start_training(tmp_path / "runs", "ft", {"MNIST_DIST_PID_DIR": str(pids)})
+    # cnn-bn: batch-norm statistics must also match on every worker, before and after the restart.
+    proc = _start_training(tmp_path / "runs", "ft", {"MNIST_DIST_PID_DIR": str(pids)}, model="cnn-bn")
     _wait_for_committed_checkpoint(tmp_path / "runs" / "ft", proc)
     victim = int((pids / "rank1.pid").read_text())
     os.kill(victim, signal.SIGKILL)  # a real Ray worker process, mid-epoch 2
@@ -91,6 +96,7 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(tmp_path):
     assert out.count("epoch 1/3: validation accuracy") == 1  # epoch 1 was not trained twice
     assert int((pids / "rank1.pid").read_text()) != victim  # a new worker took its place
     _assert_complete_and_continuous(tmp_path / "runs" / "ft")
+    _assert_replicas_identical(tmp_path / "runs" / "ft", epochs=3)
 
 
 def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):

@@ -11,7 +11,7 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_dist.config import TrainConfig  # noqa: E402
 from mnist_dist.data import load  # noqa: E402
-from mnist_dist.loop import build_model_and_optimizer, distributed_epoch, make_train_step  # noqa: E402
+from mnist_dist.loop import build_model_and_optimizer, distributed_epoch, make_statistics_sync, make_train_step  # noqa: E402
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -19,8 +19,12 @@ data = load(sys.argv[1], val_size=1000, train_limit=2048)
 STEPS = 8
 
 
-def run(strategy, per_replica_batch):
-    config = TrainConfig(model="lenet5", batch_size=per_replica_batch, workers=strategy.num_replicas_in_sync)
+def replicas_identical(model):
+    return all(len({np.asarray(t).tobytes() for t in v.value.values}) == 1 for v in model.weights)
+
+
+def run(strategy, per_replica_batch, model_name="lenet5"):
+    config = TrainConfig(model=model_name, batch_size=per_replica_batch, workers=strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(7)
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch=32)
@@ -31,13 +35,20 @@ def run(strategy, per_replica_batch):
         losses.append(float(loss))
         if len(losses) == STEPS:
             break
-    replicas_identical = all(
-        len({np.asarray(t).tobytes() for t in v.value.values}) == 1 for v in model.weights
-    ) if strategy.num_replicas_in_sync > 1 else None
-    return losses, replicas_identical, [w.numpy() for w in model.weights], strategy.num_replicas_in_sync
+    if model_name != "lenet5":
+        # Batch norm: each replica's moving statistics follow its own half of the batch until
+        # the epoch-end sync averages them.
+        before = replicas_identical(model)
+        make_statistics_sync(strategy, model)()
+        return before, replicas_identical(model)
+    identical = replicas_identical(model) if strategy.num_replicas_in_sync > 1 else None
+    return losses, identical, [w.numpy() for w in model.weights], strategy.num_replicas_in_sync
 
 
 single, _, w1, n1 = run(tf.distribute.get_strategy(), 64)
-double, identical, w2, n2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 32)
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collective keys are per strategy
+double, identical, w2, n2 = run(mirrored, 32)
+bn_before, bn_after = run(mirrored, 32, "cnn-bn")
 print(json.dumps({"single": single, "double": double, "replicas": [n1, n2], "replicas_identical": identical,
+                  "batch_norm_identical_before_sync": bn_before, "batch_norm_identical_after_sync": bn_after,
                   "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2))}))

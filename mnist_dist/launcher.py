@@ -1,4 +1,4 @@
-"""Run the training loop on N Ray Train workers (TensorflowTrainer + MultiWorkerMirroredStrategy).
+"""Run the training loop on N Ray Train workers (MultiWorkerMirroredStrategy, TF_CONFIG from mnist_dist.ray_backend).
 
 The driver starts an embedded local Ray unless given an address (or run inside a Ray
 job), keeps the top-k checkpoints by validation accuracy with Ray's CheckpointConfig,
@@ -109,7 +109,9 @@ def scaling_config(config: TrainConfig):
 def train(config: TrainConfig, log=print) -> dict[str, Any]:
     """Train on Ray; returns the content of result.json."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from mnist_dist.ray_backend import TfConfig
 
     # Absolute, so that workers (whose working directory differs) find the same run directory.
     config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S"),
@@ -119,8 +121,9 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
         config = config.replace(data_dir=str(resolve_dir(None)))  # download once, in the driver
     started = time.perf_counter()
     init_ray(config)
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(
         worker_main,
+        backend_config=TfConfig(),
         train_loop_config=config.to_dict(),
         scaling_config=scaling_config(config),
         run_config=RunConfig(
@@ -136,11 +139,21 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
     wall_seconds = time.perf_counter() - started
     if not result.best_checkpoints:
         raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run_dir(config)})")
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
+    scored = result.metrics.get("test")  # rank 0 scores the best weights on the test set when it has them
+    best_checkpoint, best_metrics = pick_best(result.best_checkpoints, scored["epoch"] if scored else None)
+    if scored and best_metrics["epoch"] != scored["epoch"]:
+        scored = None
     history = state_history(result)
     with best_checkpoint.as_directory() as directory:
         return results.finish(config, run_dir(config), best_checkpoint.path, best_metrics, result.metrics, history,
-                              wall_seconds, log, eval_dir=directory)
+                              wall_seconds, log, eval_dir=directory, test=scored)
+
+
+def pick_best(checkpoints: list, epoch: int | None):
+    """The (checkpoint, metrics) with the highest validation accuracy; `epoch` settles a tie."""
+    top = max(metrics["val_accuracy"] for _, metrics in checkpoints)
+    tied = [pair for pair in checkpoints if pair[1]["val_accuracy"] == top]
+    return next((pair for pair in tied if pair[1]["epoch"] == epoch), min(tied, key=lambda pair: pair[1]["epoch"]))
 
 
 def state_history(result) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from mnist_dist.config import TrainConfig
 def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
     from mnist_dist import results, runtime
     from mnist_dist.launcher import run_dir as run_dir_of
-    from mnist_dist.loop import DirectorySession, train
+    from mnist_dist.loop import DirectorySession, best_epoch, train
 
     config = config.replace(workers=1, name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S")).validate()
     runtime.configure_process(config.cpus_per_worker, use_gpu=False)
@@ -19,6 +19,7 @@ def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
     started = time.perf_counter()
     final = train(config, session, log=log)
     history = final["history"]
-    best = max(history, key=lambda m: m["val_accuracy"])
+    best = next(m for m in history if m["epoch"] == best_epoch(history))
     best_dir = f"{run_dir}/checkpoint_epoch{best['epoch']:03d}"
-    return results.finish(config, run_dir, best_dir, best, history[-1], history, time.perf_counter() - started, log)
+    return results.finish(config, run_dir, best_dir, best, history[-1], history, time.perf_counter() - started, log,
+                          test=final.get("test"))

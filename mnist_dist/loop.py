@@ -197,6 +197,34 @@ def distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, gl
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+def best_epoch(history: list[dict[str, Any]]) -> int:
+    """The epoch with the highest validation accuracy; the earliest one on a tie."""
+    return max(history, key=lambda m: (m["val_accuracy"], -m["epoch"]))["epoch"]
+
+
+def keep_if_best(model, history, kept: tuple[int, list] | None) -> tuple[int, list] | None:
+    """A copy of the weights when the epoch just finished is the best so far."""
+    if best_epoch(history) == history[-1]["epoch"]:
+        return history[-1]["epoch"], model.get_weights()
+    return kept
+
+
+def score_best(model, history, kept, evaluate, data: Mnist) -> dict[str, Any] | None:
+    """Test loss and accuracy of the best epoch's weights, scored where they already are.
+
+    Doing it here spares the driver a TensorFlow import and a checkpoint load. None when
+    the best epoch was trained before a resume (its weights are only in the checkpoint);
+    the driver then scores that checkpoint itself.
+    """
+    if kept is None or kept[0] != best_epoch(history):
+        return None
+    current = model.get_weights()
+    model.set_weights(kept[1])
+    loss, accuracy = evaluate(data.test_x, data.test_y)
+    model.set_weights(current)
+    return {"epoch": kept[0], "accuracy": accuracy, "loss": loss}
+
+
 def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train to `config.epochs`, resuming from the session's latest checkpoint; returns the last metrics."""
@@ -236,6 +264,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
     if start_epoch == 0:
         summaries.graph(model)
     metrics: dict[str, Any] = history[-1] if history else {}
+    best_weights: tuple[int, list] | None = None  # (epoch, weights) of the best epoch trained in this process
 
     for epoch in range(start_epoch, config.epochs):
         epoch_start = interval_start = time.perf_counter()
@@ -280,6 +309,10 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
             metrics["test_probes"] = probes + [{"step": step, "train_seconds": train_seconds,
                                                 "test_accuracy": evaluate(data.test_x, data.test_y)[1]}]
         history.append(metrics)
+        if is_chief:
+            best_weights = keep_if_best(model, history, best_weights)
+            if epoch + 1 == config.epochs:
+                metrics = {**metrics, "test": score_best(model, history, best_weights, evaluate, data)}
         summaries.scalars(step, {"val/accuracy": val_acc, "val/error": 1 - val_acc, "epoch/val_accuracy": val_acc,
                                  "epoch/val_loss": val_loss, "epoch/train_loss": metrics["train_loss"],
                                  "epoch/images_per_second": metrics["images_per_second"]})

@@ -37,17 +37,24 @@ def write(run_dir: str, name: str, payload: dict[str, Any]) -> None:
 
 def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[str, Any],
            last_metrics: dict[str, Any], history: list[dict[str, Any]], wall_seconds: float, log=print,
-           eval_dir: str | None = None) -> dict[str, Any]:
-    """Evaluate the best checkpoint on the test set and write best.json and result.json.
+           eval_dir: str | None = None, test: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write best.json and result.json, with the best checkpoint's test score.
 
     `best_dir` is where the checkpoint lives (maybe a bucket path); `eval_dir` a local copy.
+    `test` is the score the training loop already took of those weights; without it the
+    checkpoint is loaded and scored here, which costs this process a TensorFlow import.
     """
     from mnist_dist import machine
-    from mnist_dist.evaluate import evaluate_checkpoint
+    from mnist_dist.checkpoint import load_state
 
-    evaluation_started = time.perf_counter()
-    state, test = evaluate_checkpoint(eval_dir or best_dir, config)
-    wall_seconds += time.perf_counter() - evaluation_started  # the test score is part of the run
+    if test is None:
+        from mnist_dist.evaluate import evaluate_checkpoint
+
+        evaluation_started = time.perf_counter()
+        state, test = evaluate_checkpoint(eval_dir or best_dir, config)
+        wall_seconds += time.perf_counter() - evaluation_started  # the test score is part of the run
+    else:
+        state = load_state(eval_dir or best_dir)
     best = {"checkpoint": best_dir, "epoch": best_metrics["epoch"], "val_accuracy": best_metrics["val_accuracy"],
             "global_step": best_metrics["global_step"]}
     summary = {

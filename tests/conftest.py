@@ -31,12 +31,17 @@ def mnist_dir() -> Path:
 def ray_run(tmp_path_factory, mnist_dir):
     """One real 2-worker Ray Train run on a real-MNIST subset, shared by the tests that inspect a run."""
     storage = tmp_path_factory.mktemp("runs")
+    # The probe logs every process that imports TensorFlow: it should be the workers alone.
+    import_log = tmp_path_factory.mktemp("tensorflow-imports")
+    probe = str(ROOT / "tests" / "helpers" / "import_probe")
+    env = {"MNIST_DIST_IMPORT_LOG": str(import_log),
+           "PYTHONPATH": os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH")]))}
     proc = run_cli("train", "--preset", "smoke", "--model", "tf-tutorial", "--workers", "2", "--batch-size", "32",
                    "--train-limit", "4096", "--val-size", "1000", "--epochs", "2", "--lr", "0.05", "--eval-every", "20",
-                   "--storage", storage, "--name", "e2e")
+                   "--storage", storage, "--name", "e2e", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = storage / "e2e"
-    return {"run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr,
+    return {"run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr, "import_log": import_log,
             "result": json.loads((run_dir / "result.json").read_text())}
 
 

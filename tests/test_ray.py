@@ -41,12 +41,23 @@ def test_workers_hold_bit_identical_weights(ray_run):
     _assert_replicas_identical(ray_run["run_dir"], epochs=2)
 
 
-def test_checkpoint_restores_to_the_same_validation_accuracy(ray_run):
+def test_checkpoint_restores_to_the_same_validation_and_test_accuracy(ray_run):
     from mnist_dist.evaluate import evaluate_checkpoint
 
     result = ray_run["result"]
     _state, val = evaluate_checkpoint(result["best_checkpoint"], split="val")
     assert val["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-6)
+    # Rank 0 scored the test set with the weights in memory; the saved checkpoint agrees.
+    _state, test = evaluate_checkpoint(result["best_checkpoint"], split="test")
+    assert test["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-6)
+    assert test["loss"] == pytest.approx(result["test_loss"], rel=1e-4)
+
+
+def test_only_the_workers_import_tensorflow(ray_run):
+    """The driver and Ray Train's controller stay TensorFlow-free: each import costs seconds of start-up."""
+    records = [" ".join(p.read_text().split()) for p in ray_run["import_log"].glob("*.txt")]
+    assert sum("RayTrainWorker" in r for r in records) == 2, records  # the probe sees the two workers
+    assert len(records) == 2, f"other processes imported TensorFlow: {records}"
 
 
 def test_driver_prints_rank_zero_lines_once(ray_run):

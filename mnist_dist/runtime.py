@@ -45,7 +45,7 @@ def device_plan(cpus_per_worker: int, gpus_per_worker: int) -> DevicePlan:
 def configure_process(cpus: int, use_gpu: bool) -> None:
     """Call before TensorFlow runs its first op."""
     os.environ.update(thread_env(cpus))
-    # Ray's TF backend sets this for tf_keras; we use Keras 3 on purpose (see README).
+    # Ray's own TF backend sets this for tf_keras (ours does not); this project is Keras 3.
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf

@@ -65,3 +65,19 @@ def test_half_written_checkpoint_is_never_taken(tmp_path):
         ckpt.load_state(tmp_path / "checkpoint_epoch002")
     with DirectorySession(tmp_path).latest_checkpoint() as latest:
         assert latest.name == "checkpoint_epoch001"
+
+
+def test_best_epoch_is_the_earliest_of_a_tie_and_the_driver_agrees():
+    from mnist_dist.launcher import pick_best
+    from mnist_dist.loop import best_epoch, score_best
+
+    history = [{"epoch": 1, "val_accuracy": 0.90}, {"epoch": 2, "val_accuracy": 0.95}, {"epoch": 3, "val_accuracy": 0.95}]
+    assert best_epoch(history) == 2
+    kept = [("c3", history[2]), ("c2", history[1]), ("c1", history[0])]  # Ray's top-k, any order
+    assert pick_best(kept, 2)[0] == "c2"
+    assert pick_best(kept, 3)[0] == "c3"  # the epoch rank 0 scored wins a tie
+    assert pick_best(kept, None)[0] == "c2"
+    assert pick_best(kept, 1)[0] == "c2"  # not a top epoch: ignored
+    # Best weights from before a resume are not in memory: the driver scores the checkpoint.
+    assert score_best(None, history, None, None, None) is None
+    assert score_best(None, history, (3, []), None, None) is None

@@ -271,8 +271,11 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         eval_seconds = 0.0
         losses, probes = [], []
         interval_steps = 0
-        for batch in distributed_epoch(strategy, data, config, epoch, global_batch):
-            loss, error = train_step(batch)
+        batches = iter(distributed_epoch(strategy, data, config, epoch, global_batch))
+        # Exactly steps_per_epoch batches, never one more: asking a multi-worker iterator
+        # past its end costs a cross-worker end-of-data check that stalled ~50 s here.
+        for _ in range(steps_per_epoch):
+            loss, error = train_step(next(batches))
             losses.append(loss)
             interval_steps += 1
             step = int(optimizer.iterations.numpy())

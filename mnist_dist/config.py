@@ -113,9 +113,10 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The TensorFlow tutorial CNN, 10 epochs, SGD + momentum, x0.95 per epoch; global batch 2 x 64.
     "default": {},
-    # Batch norm + shifted training images: test 99.56% here (validation 99.62%). Adding
-    # --rotate 10 --zoom 0.1 over 30 epochs did not help (99.54%).
-    "best": {"model": "cnn-bn", "epochs": 25, "augment": True, "learning_rate": 0.02, "lr_decay": 0.88},
+    # cnn-deep, Adam, shifts + rotations + zoom, 30 epochs: test 99.65% here (validation 99.74%,
+    # best epoch 27; 58 min on 2 cores). cnn-bn with shifts stopped at 99.56%.
+    "best": {"model": "cnn-deep", "epochs": 30, "optimizer": "adam", "learning_rate": 0.001, "lr_decay": 0.92,
+             "augment": True, "rotate": 10.0, "zoom": 0.1},
     # Seconds, not minutes: for smoke tests and trying the plumbing.
     "smoke": {"model": "lenet5", "epochs": 2, "learning_rate": 0.05, "train_limit": 2048, "val_size": 512, "eval_every": 10},
 }

@@ -66,6 +66,9 @@ class DirectorySession:
         self.reports.append({**metrics, "checkpoint": str(target)})
 
 
+_FINISHED: list = []  # the last run's input iterator; see train()
+
+
 def load_data(config: TrainConfig) -> Mnist:
     if config.synthetic:
         return synthetic(val_size=config.val_size, seed=config.seed, train_limit=config.train_limit)
@@ -181,7 +184,7 @@ def make_evaluator(model) -> Callable[[np.ndarray, np.ndarray], tuple[float, flo
     return evaluate
 
 
-def distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int):
+def distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int, epochs: int = 1):
     import tensorflow as tf
 
     from mnist_dist.pipeline import train_dataset
@@ -192,7 +195,7 @@ def distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, gl
                              num_shards=ctx.num_replicas_in_sync, shard_ids=range(
                                  ctx.input_pipeline_id * replicas_per_pipeline,
                                  (ctx.input_pipeline_id + 1) * replicas_per_pipeline),
-                             augment=config.augment, rotate_deg=config.rotate, zoom=config.zoom)
+                             augment=config.augment, rotate_deg=config.rotate, zoom=config.zoom, epochs=epochs)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -265,15 +268,20 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         summaries.graph(model)
     metrics: dict[str, Any] = history[-1] if history else {}
     best_weights: tuple[int, list] | None = None  # (epoch, weights) of the best epoch trained in this process
+    # One iterator for every remaining epoch. Under MultiWorkerMirroredStrategy, destroying
+    # a tf.data iterator blocked the worker for ~25-50 s (py-spy: `RootDataset::Iterator::
+    # ~Iterator` waiting on a thread), so there is no per-epoch teardown, and the last one
+    # is parked in `_FINISHED` rather than destroyed on the way out.
+    remaining = config.epochs - start_epoch
+    batches = iter(distributed_epoch(strategy, data, config, start_epoch, global_batch, remaining) if remaining > 0 else ())
 
     for epoch in range(start_epoch, config.epochs):
         epoch_start = interval_start = time.perf_counter()
         eval_seconds = 0.0
         losses, probes = [], []
         interval_steps = 0
-        batches = iter(distributed_epoch(strategy, data, config, epoch, global_batch))
-        # Every worker holds exactly steps_per_epoch batches, so the loop never needs the
-        # distributed iterator's cross-worker end-of-data check.
+        # Exactly steps_per_epoch batches per epoch, the same on every worker, so the loop
+        # never needs the distributed iterator's cross-worker end-of-data check.
         for _ in range(steps_per_epoch):
             loss, error = train_step(next(batches))
             losses.append(loss)
@@ -331,4 +339,5 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                                        "data_source": data.source, "steps_per_epoch": steps_per_epoch})
             session.report(metrics, out, epoch + 1)
     summaries.close()
+    _FINISHED[:] = [batches]
     return {**metrics, "history": history, "steps_per_epoch": steps_per_epoch}

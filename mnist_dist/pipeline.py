@@ -72,15 +72,20 @@ def _affine(images: tf.Tensor, seed: tf.Tensor, rotate_deg: float, zoom: float) 
 
 def train_dataset(images: np.ndarray, labels: np.ndarray, *, seed: int, epoch: int, global_batch: int,
                   num_shards: int = 1, shard_ids=(0,), augment: bool = False,
-                  rotate_deg: float = 0.0, zoom: float = 0.0) -> tf.data.Dataset:
-    """Per-replica batches of (float32 images (b, 28, 28, 1), int64 labels (b,)) for one epoch."""
-    batches = shard_indices(len(labels), seed, epoch, global_batch, num_shards, shard_ids)
+                  rotate_deg: float = 0.0, zoom: float = 0.0, epochs: int = 1) -> tf.data.Dataset:
+    """Per-replica batches of (float32 images (b, 28, 28, 1), int64 labels (b,)) for `epochs`
+    consecutive epochs from `epoch`, each with its own permutation and augmentation."""
+    per_epoch = [shard_indices(len(labels), seed, e, global_batch, num_shards, shard_ids)
+                 for e in range(epoch, epoch + epochs)]
+    steps = len(per_epoch[0])
+    batches = np.concatenate(per_epoch)
     images_t, labels_t = tf.constant(images), tf.constant(labels)
 
-    def gather(step: tf.Tensor, index: tf.Tensor):
+    def gather(i: tf.Tensor, index: tf.Tensor):
         x = _normalize(tf.gather(images_t, index))
         if augment:
-            step_seed = tf.stack([tf.cast(seed * 100003 + epoch, tf.int64), tf.cast(step, tf.int64)])
+            this_epoch, step = epoch + i // steps, i % steps
+            step_seed = tf.stack([tf.cast(seed * 100003 + this_epoch, tf.int64), tf.cast(step, tf.int64)])
             x = _affine(x, step_seed, rotate_deg, zoom) if (rotate_deg or zoom) else _shift(x, step_seed)
         return x, tf.gather(labels_t, index)
 

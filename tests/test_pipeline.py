@@ -82,3 +82,15 @@ def test_input_pipelines_run_without_the_autotuner():
     for ds in (train_dataset(images, labels, seed=0, epoch=0, global_batch=64, augment=True),
                eval_dataset(images, labels)):
         assert ds.options().autotune.enabled is False
+
+
+def test_one_dataset_for_several_epochs_equals_the_epochs_one_by_one():
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (320, 28, 28), dtype=np.uint8), rng.integers(0, 10, 320)
+    common = dict(seed=3, global_batch=64, augment=True, rotate_deg=10.0, zoom=0.1)
+    joined = list(train_dataset(images, labels, epoch=1, epochs=2, **common).as_numpy_iterator())
+    single = [b for e in (1, 2) for b in train_dataset(images, labels, epoch=e, **common).as_numpy_iterator()]
+    assert len(joined) == len(single) == 10
+    for (x1, y1), (x2, y2) in zip(joined, single):
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(x1, x2)

@@ -184,7 +184,7 @@ def make_evaluator(model) -> Callable[[np.ndarray, np.ndarray], tuple[float, flo
     return evaluate
 
 
-def distributed_epoch(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int, epochs: int = 1):
+def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int, epochs: int = 1):
     import tensorflow as tf
 
     from mnist_dist.pipeline import train_dataset
@@ -273,7 +273,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
     # ~Iterator` waiting on a thread), so there is no per-epoch teardown, and the last one
     # is parked in `_FINISHED` rather than destroyed on the way out.
     remaining = config.epochs - start_epoch
-    batches = iter(distributed_epoch(strategy, data, config, start_epoch, global_batch, remaining) if remaining > 0 else ())
+    batches = iter(distributed_epochs(strategy, data, config, start_epoch, global_batch, remaining) if remaining > 0 else ())
 
     for epoch in range(start_epoch, config.epochs):
         epoch_start = interval_start = time.perf_counter()

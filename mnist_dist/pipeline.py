@@ -101,10 +101,9 @@ def eval_dataset(images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> t
 def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
     """Fixed parallelism and buffers instead of tf.data's autotuner.
 
-    The autotuner's model thread sleeps between optimisations for up to 60 s, and under
-    MultiWorkerMirroredStrategy destroying an iterator waited for it to wake: 2-worker
-    epochs ended with ~50 s of idle workers (py-spy: `RootDataset::Iterator::~Iterator`
-    waiting on its thread). A batch of MNIST needs no tuning.
+    A batch of MNIST needs no tuning, and the autotuner adds a background thread to every
+    iterator on workers that own one core each. (It was the first suspect for the epoch-end
+    stall described in loop.train; turning it off alone did not remove that stall.)
     """
     options = tf.data.Options()
     options.autotune.enabled = False

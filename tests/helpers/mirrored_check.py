@@ -11,7 +11,7 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_dist.config import TrainConfig  # noqa: E402
 from mnist_dist.data import load  # noqa: E402
-from mnist_dist.loop import build_model_and_optimizer, distributed_epoch, make_statistics_sync, make_train_step  # noqa: E402
+from mnist_dist.loop import build_model_and_optimizer, distributed_epochs, make_statistics_sync, make_train_step  # noqa: E402
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -30,7 +30,7 @@ def run(strategy, per_replica_batch, model_name="lenet5"):
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch=32)
     step = make_train_step(strategy, model, optimizer, global_batch=64)
     losses = []
-    for batch in distributed_epoch(strategy, data, config, 0, 64):
+    for batch in distributed_epochs(strategy, data, config, 0, 64):
         loss, _ = step(batch)
         losses.append(float(loss))
         if len(losses) == STEPS:

@@ -68,7 +68,7 @@ TRAIN_OPTIONS = {
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", help="default | best | smoke (options below override it)")
+    parser.add_argument("--preset", default="default", help="default | tutorial | best | smoke (options below override it)")
     for flag, (_field, kind, help_text) in TRAIN_OPTIONS.items():
         parser.add_argument(flag, type=kind, default=None, help=help_text)
     parser.add_argument("--augment", action="store_true", default=None, help="shift training images by up to 2 px")
@@ -186,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
     else:
         from mnist_dist.bench.tta import run
-        run(config_from_args(args), target=args.target, json_path=args.json)
+        run(config_from_args(args), target=args.target, json_path=args.json, in_process=args.in_process)
     return 0
 
 

@@ -24,11 +24,14 @@ class TrainConfig:
     # What is trained.
     model: str = "tf-tutorial"
     epochs: int = 10
-    batch_size: int = 64  # per worker: the global batch is batch_size * workers
-    optimizer: str = "sgd"
-    learning_rate: float = 0.02  # the tutorial's 0.01 at batch 64, scaled linearly to the default global batch 128
-    lr_decay: float = 0.95  # once per epoch, staircase, counted in global steps
-    momentum: float = 0.9
+    # The default schedule is tuned for time to accuracy (`bench tta`): Adam at global batch
+    # 256 reaches 99% test in about 1.5 epochs, where the tutorial's SGD recipe (the
+    # `tutorial` preset) needs about 3. Both end above 99.2% after 10 epochs.
+    batch_size: int = 128  # per worker: the global batch is batch_size * workers
+    optimizer: str = "adam"
+    learning_rate: float = 0.002
+    lr_decay: float = 0.6  # once per epoch, staircase, counted in global steps
+    momentum: float = 0.9  # SGD only
     # In the tutorial's units: l2 * tf.nn.l2_loss(w) on dense weights and biases.
     l2: float = 5e-4
     augment: bool = False  # random +-2 px shifts of training images
@@ -111,14 +114,17 @@ class TrainConfig:
 
 # Named starting points; command-line options override them.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The TensorFlow tutorial CNN, 10 epochs, SGD + momentum, x0.95 per epoch; global batch 2 x 64.
+    # The TensorFlow tutorial CNN, 10 epochs, Adam 2e-3 decaying x0.6 per epoch; global batch 2 x 128.
     "default": {},
+    # The tutorial's own recipe: SGD + momentum 0.9, x0.95 per epoch, global batch 2 x 64, and
+    # its 0.01 at batch 64 scaled linearly to 0.02 at 128.
+    "tutorial": {"batch_size": 64, "optimizer": "sgd", "learning_rate": 0.02, "lr_decay": 0.95},
     # cnn-deep, Adam, shifts + rotations + zoom, 30 epochs: test 99.65% here (validation 99.74%,
     # best epoch 27; 58 min on 2 cores). cnn-bn with shifts stopped at 99.56%.
     "best": {"model": "cnn-deep", "epochs": 30, "optimizer": "adam", "learning_rate": 0.001, "lr_decay": 0.92,
              "augment": True, "rotate": 10.0, "zoom": 0.1},
     # Seconds, not minutes: for smoke tests and trying the plumbing.
-    "smoke": {"model": "lenet5", "epochs": 2, "learning_rate": 0.05, "train_limit": 2048, "val_size": 512, "eval_every": 10},
+    "smoke": {"model": "lenet5", "epochs": 2, "optimizer": "sgd", "batch_size": 64, "learning_rate": 0.05, "train_limit": 2048, "val_size": 512, "eval_every": 10},
 }
 
 

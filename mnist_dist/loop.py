@@ -93,14 +93,20 @@ def build_model_and_optimizer(config: TrainConfig, steps_per_epoch: int):
     # Counted in global steps (optimizer.iterations), so it decays once per epoch for any worker count.
     schedule = keras.optimizers.schedules.ExponentialDecay(
         config.learning_rate, decay_steps=steps_per_epoch, decay_rate=config.lr_decay, staircase=True)
-    if config.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(schedule)
-    else:
-        optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+    optimizer = make_optimizer(config, schedule)
     # Compiling attaches the optimizer, so `model.save` keeps its slots for resumption.
     model.compile(optimizer=optimizer)
     optimizer.build(model.trainable_variables)
     return model, optimizer
+
+
+def make_optimizer(config: TrainConfig, learning_rate):
+    """The configured Keras optimizer; `learning_rate` is a float or a schedule."""
+    import keras
+
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.SGD(learning_rate, momentum=config.momentum)
 
 
 def current_lr(optimizer) -> float:

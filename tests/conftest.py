@@ -60,7 +60,7 @@ def small_run(tmp_path_factory, mnist_dir):
     from mnist_dist.local import train_in_process
 
     storage = tmp_path_factory.mktemp("small")
-    config = TrainConfig(model="lenet5", epochs=1, batch_size=64, learning_rate=0.05, train_limit=6400, val_size=1000,
+    config = TrainConfig(model="lenet5", epochs=1, batch_size=64, optimizer="sgd", learning_rate=0.05, train_limit=6400, val_size=1000,
                          eval_every=1000, storage=str(storage), name="small", data_dir=str(mnist_dir))
     train_in_process(config, log=lambda _: None)
     return storage / "small"

@@ -26,7 +26,7 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
 
 
 def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, capsys):
-    config = TrainConfig(model="lenet5", epochs=1, batch_size=64, workers=1, learning_rate=0.05, val_size=2000,
+    config = TrainConfig(model="lenet5", epochs=1, batch_size=64, workers=1, optimizer="sgd", learning_rate=0.05, val_size=2000,
                          train_limit=19200, eval_every=100, data_dir=str(mnist_dir))
     session = DirectorySession(tmp_path)
     final = train(config, session)
@@ -49,7 +49,7 @@ def test_resume_continues_step_epoch_and_learning_rate(tmp_path):
     assert [h["global_step"] for h in second["history"]] == [20, 40, 60]
     assert second["history"][0] == first["history"][0]
     lrs = [h["learning_rate"] for h in second["history"]]
-    assert lrs == pytest.approx([config.learning_rate * 0.95 ** e for e in (1, 2, 3)], rel=1e-5)
+    assert lrs == pytest.approx([config.learning_rate * config.lr_decay ** e for e in (1, 2, 3)], rel=1e-5)
 
 
 def test_half_written_checkpoint_is_never_taken(tmp_path):
@@ -81,3 +81,20 @@ def test_best_epoch_is_the_earliest_of_a_tie_and_the_driver_agrees():
     # Best weights from before a resume are not in memory: the driver scores the checkpoint.
     assert score_best(None, history, None, None, None) is None
     assert score_best(None, history, (3, []), None, None) is None
+
+
+def test_presets_build_the_optimizer_they_name():
+    import keras
+
+    from mnist_dist.config import preset
+    from mnist_dist.loop import make_optimizer
+
+    tutorial = preset("tutorial")
+    # The TF tutorial: SGD + momentum 0.9, 0.01 at batch 64 (0.02 at the global 2 x 64), x0.95 per epoch.
+    assert (tutorial.global_batch_size, tutorial.learning_rate, tutorial.lr_decay) == (128, 0.02, 0.95)
+    sgd = make_optimizer(tutorial, tutorial.learning_rate)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == 0.9
+    default = preset("default")
+    assert default.global_batch_size == 256
+    assert isinstance(make_optimizer(default, default.learning_rate), keras.optimizers.Adam)
+    assert preset("smoke").optimizer == "sgd"  # its lr 0.05 is an SGD rate

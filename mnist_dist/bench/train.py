@@ -30,12 +30,15 @@ def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int) -
     """(a), in this process: what a user gets from `compile` + `fit` with default settings."""
     import keras
 
+    from mnist_dist.config import TrainConfig
     from mnist_dist.data import load, normalize
+    from mnist_dist.loop import make_optimizer
     from mnist_dist.models import build
 
     data = load(train_limit=steps * global_batch, val_size=1000)
     model = build(model_name, precision=precision)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+    defaults = TrainConfig()  # the same optimizer as (b) and (c), at a constant rate
+    model.compile(optimizer=make_optimizer(defaults, defaults.learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     epoch_seconds = []
 

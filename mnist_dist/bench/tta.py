@@ -18,16 +18,17 @@ def first_reaching(probes: list[dict[str, Any]], target: float) -> dict[str, Any
     return next((p for p in probes if p["test_accuracy"] >= target), None)
 
 
-def run(config, target: float = 0.99, json_path: str | None = None,
+def run(config, target: float = 0.99, json_path: str | None = None, in_process: bool = False,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     from mnist_dist.cli import run_training
 
     machine = header(log)
     config = config.replace(probe_test=True).validate()
-    log(f"{config.model}, {config.workers} worker(s) x batch {config.batch_size}, lr {config.learning_rate}, "
+    where = "in this process" if in_process else f"{config.workers} Ray worker(s)"
+    log(f"{config.model}, {where} x batch {config.batch_size}, lr {config.learning_rate}, "
         f"precision {config.precision}, up to {config.epochs} epochs; test accuracy every {config.eval_every} steps")
     started = time.perf_counter()
-    result = run_training(config)
+    result = run_training(config, in_process=in_process)
     wall = time.perf_counter() - started
     probes = [p for epoch in result["history"] for p in epoch.get("test_probes", [])]
     steps_per_epoch = result["global_step"] / result["epochs_completed"]
@@ -43,7 +44,7 @@ def run(config, target: float = 0.99, json_path: str | None = None,
             f"(best probe {100 * max(p['test_accuracy'] for p in probes):.2f}%)")
     log(f"wall {wall:.1f} s for the whole command, training {result['train_seconds']:.1f} s: "
         f"start-up, evaluation and checkpoint overhead {wall - result['train_seconds']:.1f} s")
-    payload = {"benchmark": "tta", "machine": machine, "target": target, "config": config.to_dict(),
+    payload = {"benchmark": "tta", "machine": machine, "target": target, "config": config.to_dict(), "in_process": in_process,
                "seconds_to_target": hit["train_seconds"] if hit else None, "reached_at": hit, "probes": probes,
                "wall_seconds": wall, "train_seconds": result["train_seconds"],
                "final_test_accuracy": result["test_accuracy"]}

@@ -89,6 +89,10 @@ def init_ray(config: TrainConfig) -> None:
     elif address:  # an existing cluster: `auto` or `ray://host:10001`
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        # Ray Train's preemption watcher is one more actor process to start on every run,
+        # and it logs an error line at start-up; one local machine has nothing to preempt.
+        # The driver's value propagates to Ray Train's controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard process also serves the State API that Ray Train's placement-group
         # cleaner polls; without it the driver logs a warning every few seconds.
         ray.init(num_cpus=max(os.cpu_count() or 1, config.workers * config.cpus_per_worker),

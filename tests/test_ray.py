@@ -60,6 +60,11 @@ def test_only_the_workers_import_tensorflow(ray_run):
     assert len(records) == 2, f"other processes imported TensorFlow: {records}"
 
 
+def test_local_ray_starts_no_preemption_watcher(ray_run):
+    # With it on, Ray Train starts one more actor and logs a core_worker error naming it.
+    assert "PreemptionWatcher" not in ray_run["stdout"] + ray_run["stderr"]
+
+
 def test_driver_prints_rank_zero_lines_once(ray_run):
     out = ray_run["stdout"]
     assert out.count("step     20 ") == 1

@@ -18,7 +18,7 @@ def test_gpu_workers_ask_for_gpus_and_use_nccl():
 def test_thread_pools_follow_the_cpu_allotment():
     env = runtime.thread_env(3)
     assert env["OMP_NUM_THREADS"] == env["TF_NUM_INTRAOP_THREADS"] == env["MKL_NUM_THREADS"] == "3"
-    assert env["TF_NUM_INTEROP_THREADS"] == "1"
+    assert env["TF_NUM_INTEROP_THREADS"] == "3"
     assert runtime.thread_env(0)["OMP_NUM_THREADS"] == "1"
 
 

@@ -184,6 +184,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.kind == "infer":
         from mnist_dist.bench.infer import run
         run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
+    elif args.kind == "startup":
+        from mnist_dist.bench.startup import run
+        if args.workers < 1:
+            raise UserError(f"--workers must be >= 1, got {args.workers}")
+        run(workers=args.workers, train_limit=args.train_limit, json_path=args.json)
     else:
         from mnist_dist.bench.tta import run
         run(config_from_args(args), target=args.target, json_path=args.json, in_process=args.in_process)
@@ -209,6 +214,12 @@ def add_bench_parsers(sub) -> None:
     src.add_argument("--run", help="a run directory with a verified RUN/export")
     k.add_argument("--iterations", type=int, default=2000, help="batch-1 runs per latency figure")
     k.add_argument("--profile", action="store_true", help="also print ONNX Runtime's per-node times and the weight-read floor")
+    k.add_argument("--json", default=None)
+    k.set_defaults(func=cmd_bench)
+
+    k = kinds.add_parser("startup", help="seconds outside training of `train --epochs 1`, against Ray Train's own floor")
+    k.add_argument("--workers", type=int, default=2)
+    k.add_argument("--train-limit", type=int, default=None, help="train on the first N images (default: all)")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 

@@ -54,6 +54,16 @@ def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
     assert "time to 50.0% test accuracy" in proc.stdout or "did not reach" in proc.stdout
 
 
+def test_bench_startup_compares_a_run_with_ray_trains_floor(tmp_path):
+    out = tmp_path / "startup.json"
+    proc = run_cli("bench", "startup", "--train-limit", "1024", "--json", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["ray_floor_seconds"] > 0 and figures["train_wall_seconds"] > figures["train_seconds"] > 0
+    assert figures["startup_overhead_seconds"] == figures["train_wall_seconds"] - figures["train_seconds"]
+    assert "vs Ray floor" in proc.stdout
+
+
 def test_first_reaching_picks_the_first_probe_at_or_over_the_target():
     probes = [{"test_accuracy": a, "train_seconds": t} for a, t in ((0.9, 1), (0.991, 2), (0.995, 3))]
     assert first_reaching(probes, 0.99)["train_seconds"] == 2

@@ -4,7 +4,9 @@
   one process, and the project through Ray with 1..N workers;
 - `bench infer`: TensorFlow against ONNX Runtime fp32 and int8 (batch-1 latency,
   batch-256 throughput);
-- `bench tta`: training seconds until the test accuracy first reaches a target.
+- `bench tta`: training seconds until the test accuracy first reaches a target;
+- `bench startup`: the seconds `train --epochs 1` spends outside training, against a Ray
+  Train run that does nothing.
 
 Benchmarks print figures and ratios; tests run each once in its smallest form and never
 assert on a timing.

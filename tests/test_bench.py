@@ -54,6 +54,16 @@ def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
     assert "time to 50.0% test accuracy" in proc.stdout or "did not reach" in proc.stdout
 
 
+def test_bench_tta_in_process_runs_without_ray(tmp_path):
+    out = tmp_path / "tta.json"
+    proc = run_cli("bench", "tta", "--in-process", "--preset", "smoke", "--epochs", "1", "--eval-every", "16",
+                   "--target", "0.5", "--storage", tmp_path, "--name", "tta", "--json", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["in_process"] is True and "in this process" in proc.stdout and "RayTrainWorker" not in proc.stdout
+    assert [p["step"] for p in figures["probes"]] == [16, 32, 32]
+
+
 def test_bench_startup_compares_a_run_with_ray_trains_floor(tmp_path):
     out = tmp_path / "startup.json"
     proc = run_cli("bench", "startup", "--train-limit", "1024", "--json", out)

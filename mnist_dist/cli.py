@@ -186,8 +186,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
     elif args.kind == "startup":
         from mnist_dist.bench.startup import run
-        if args.workers < 1:
-            raise UserError(f"--workers must be >= 1, got {args.workers}")
+        from mnist_dist.config import TrainConfig
+        TrainConfig(workers=args.workers).validate()  # the same checks and messages as `train`
         run(workers=args.workers, train_limit=args.train_limit, json_path=args.json)
     else:
         from mnist_dist.bench.tta import run

@@ -70,8 +70,13 @@ def test_bench_startup_compares_a_run_with_ray_trains_floor(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["ray_floor_seconds"] > 0 and figures["train_wall_seconds"] > figures["train_seconds"] > 0
-    assert figures["startup_overhead_seconds"] == figures["train_wall_seconds"] - figures["train_seconds"]
-    assert "vs Ray floor" in proc.stdout
+    assert figures["workers"] == 2 and figures["train_limit"] == 1024
+    assert "ray train, function that only reports" in proc.stdout and "mnist-dist train --epochs 1" in proc.stdout
+
+
+def test_bench_startup_refuses_zero_workers():
+    proc = run_cli("bench", "startup", "--workers", "0")
+    assert proc.returncode == 2 and "--workers must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_first_reaching_picks_the_first_probe_at_or_over_the_target():

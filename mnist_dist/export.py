@@ -59,7 +59,14 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, work: Path) -> None:
-    """Static QDQ int8 with ONNX Runtime's tools: pre-process, then calibrate on training images."""
+    """Static QDQ int8 with ONNX Runtime's tools: pre-process, then calibrate on training images.
+
+    Weights use 7 of their 8 bits (`reduce_range`). x86 CPUs without VNNI (AVX2, and
+    AVX-512 before Cascade Lake) multiply u8 x s8 with VPMADDUBSW, whose int16 pairwise
+    sums saturate at full range: on an AMD EPYC (AVX2) a 96.71% model lost 0.44 pp, and
+    0.06 pp with 7-bit weights, at the same speed. The file must be right on whatever
+    device runs it, not only on the machine that exported it.
+    """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -75,7 +82,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, wor
             return None if batch is None else {onnx_graph.INPUT_NAME: batch}
 
     quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
     prepared.unlink()
 
 

@@ -218,20 +218,31 @@ def make_evaluator(model, strategy=None, rank: int = 0, world_size: int = 1) -> 
     return evaluate
 
 
-def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int, epochs: int = 1):
-    import tensorflow as tf
+def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int,
+                       epochs: int = 1) -> Iterator:
+    """The distributed batch of every step of `epochs` epochs from `epoch`.
 
+    Each local replica reads its slice of every global batch from its own plain tf.data
+    iterator, and `experimental_distribute_values_from_function` hands the slices to the
+    strategy. With `distribute_datasets_from_function` instead, every step of 2 one-core
+    MultiWorkerMirroredStrategy workers took 450 ms instead of 330 ms, even on batches
+    fetched in advance: its live iterator alone slowed the step.
+    """
     from mnist_dist.pipeline import train_dataset
 
-    def dataset_fn(ctx: tf.distribute.InputContext):
-        replicas_per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-        return train_dataset(data.train_x, data.train_y, seed=config.seed, epoch=epoch, global_batch=global_batch,
-                             num_shards=ctx.num_replicas_in_sync, shard_ids=range(
-                                 ctx.input_pipeline_id * replicas_per_pipeline,
-                                 (ctx.input_pipeline_id + 1) * replicas_per_pipeline),
-                             augment=config.augment, rotate_deg=config.rotate, zoom=config.zoom, epochs=epochs)
+    iterators: dict[int, Iterator] = {}
 
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    def replica_slice(ctx):
+        replica = ctx.replica_id_in_sync_group  # global: unique over all workers
+        if replica not in iterators:
+            iterators[replica] = iter(train_dataset(
+                data.train_x, data.train_y, seed=config.seed, epoch=epoch, global_batch=global_batch,
+                num_shards=ctx.num_replicas_in_sync, shard_ids=(replica,), augment=config.augment,
+                rotate_deg=config.rotate, zoom=config.zoom, epochs=epochs))
+        return next(iterators[replica])
+
+    for _ in range(len(data.train_y) // global_batch * epochs):
+        yield strategy.experimental_distribute_values_from_function(replica_slice)
 
 
 def best_epoch(history: list[dict[str, Any]]) -> int:

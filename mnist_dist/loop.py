@@ -22,6 +22,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol
 import numpy as np
 
 from mnist_dist import checkpoint as ckpt
+from mnist_dist import machine
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import Mnist, load, synthetic
 from mnist_dist.summaries import Summaries
@@ -305,6 +306,8 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         say(data.describe())
         say(f"model {config.model}: {model.count_params():,} parameters; {session.world_size} worker(s) x batch "
             f"{config.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch; precision {config.precision}")
+        if config.precision == "bf16" and not config.gpus_per_worker and (warning := machine.slow_bf16_warning()):
+            say(warning)
     train_step = make_train_step(strategy, model, optimizer, global_batch)
     evaluate = make_evaluator(model, strategy, session.rank, session.world_size)
     sync_statistics = make_statistics_sync(strategy, model)

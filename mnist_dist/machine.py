@@ -30,6 +30,24 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+# Without one of these, TensorFlow emulates bfloat16 arithmetic on the CPU.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def slow_bf16_warning(flags: set[str] | None = None) -> str | None:
+    """A warning when this x86 CPU cannot compute in bfloat16, else None.
+
+    On an AMD EPYC with AVX2 only, the project's step trained at 95 img/s in mixed bf16
+    against 879 img/s in fp32. CPUs that list no x86 flags (ARM) are not judged.
+    """
+    flags = _cpuinfo()[1] if flags is None else flags
+    if not flags or any(flag in flags for flag in BF16_FLAGS):
+        return None
+    return ("warning: this CPU has neither AVX-512-BF16 nor AMX, so TensorFlow emulates bfloat16 and "
+            "--precision bf16 trains several times slower than fp32. Fix: use --precision fp32 on this "
+            "machine; bf16 pays off on CPUs with AMX or AVX-512-BF16, and on GPUs.")
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

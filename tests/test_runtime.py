@@ -1,7 +1,7 @@
 """The GPU and thread-pool branches, tested as logic on a CPU-only machine."""
 import json
 
-from mnist_dist import runtime
+from mnist_dist import machine, runtime
 
 
 def test_cpu_workers_ask_for_cpus_and_use_the_ring_all_reduce():
@@ -40,3 +40,11 @@ def test_launcher_asks_ray_for_the_planned_resources():
     assert gpu.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}
     cpu = scaling_config(TrainConfig(workers=2, cpus_per_worker=1))
     assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 1.0}
+
+
+def test_bf16_on_a_cpu_without_bf16_arithmetic_gets_a_warning_that_names_the_fix():
+    warning = machine.slow_bf16_warning({"avx2", "fma"})
+    assert warning and "--precision fp32" in warning and "AMX" in warning
+    assert machine.slow_bf16_warning({"avx2", "avx512f", "avx512_bf16"}) is None
+    assert machine.slow_bf16_warning({"avx2", "amx_bf16", "amx_int8"}) is None
+    assert machine.slow_bf16_warning(set()) is None  # no x86 flags (ARM): not judged

@@ -50,7 +50,7 @@ TRAIN_OPTIONS = {
     "--l2": ("l2", float, "weight decay on dense layers, in the tutorial's units (default 5e-4)"),
     "--rotate": ("rotate", float, "with --augment: also rotate training images by up to this many degrees"),
     "--zoom": ("zoom", float, "with --augment: also scale training images by 1 +- this"),
-    "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits)"),
+    "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits; fast only on CPUs with AMX or AVX-512-BF16, and on GPUs)"),
     "--seed": ("seed", int, "shuffling and initialisation seed"),
     "--eval-every": ("eval_every", int, "steps between progress lines"),
     "--data-dir": ("data_dir", str, "folder with the MNIST IDX files (else $MNIST_DATA_DIR, else the cache)"),

@@ -110,6 +110,33 @@ def make_optimizer(config: TrainConfig, learning_rate):
     return keras.optimizers.SGD(learning_rate, momentum=config.momentum)
 
 
+def sum_gradients_in_bfloat16(optimizer) -> None:
+    """Makes `optimizer` all-reduce the replicas' gradients as bfloat16, and apply them as float32.
+
+    On CPU workers the ring all-reduce runs over gRPC and the step waits for it: with two
+    one-core workers it took 17 ms of every fp32 step of tf-tutorial (6.6 MB of gradients),
+    and 27 ms of a 75 ms bf16 step. Half the bytes, half of that. Every replica still
+    receives the same sum, so the weights stay identical and every step stays synchronous;
+    the cost is bf16's 8-bit mantissa on the gradients, which mixed-bf16 training already
+    pays. Keras' TensorFlow optimizer sums gradients in `_all_reduce_sum_gradients`, its one
+    hook for aggregation (what tf_keras called `experimental_aggregate_gradients`).
+    """
+    import keras
+    import tensorflow as tf
+
+    sum_in_float32 = getattr(optimizer, "_all_reduce_sum_gradients", None)
+    if sum_in_float32 is None:
+        raise RuntimeError(f"Keras {keras.__version__}'s optimizer has no `_all_reduce_sum_gradients` hook "
+                           "to compress the gradient all-reduce. Fix: pass --allreduce fp32.")
+
+    def sum_in_bfloat16(grads_and_vars):
+        pairs = list(grads_and_vars)
+        summed = sum_in_float32([(None if g is None else tf.cast(g, tf.bfloat16), v) for g, v in pairs])
+        return [(None if s is None else tf.cast(s, g.dtype), v) for (g, _), (s, v) in zip(pairs, summed)]
+
+    optimizer._all_reduce_sum_gradients = sum_in_bfloat16
+
+
 def current_lr(optimizer) -> float:
     """The scheduled learning rate at the optimizer's current global step."""
     return float(optimizer.learning_rate.numpy())
@@ -291,6 +318,10 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
 
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch)
+    # One replica has nothing to sum; rounding its gradients would only lose precision.
+    allreduce = config.allreduce_dtype if strategy.num_replicas_in_sync > 1 else "none"
+    if allreduce == "bf16":
+        sum_gradients_in_bfloat16(optimizer)
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
     with session.latest_checkpoint() as restore_dir:
@@ -305,7 +336,8 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
     if start_epoch == 0:
         say(data.describe())
         say(f"model {config.model}: {model.count_params():,} parameters; {session.world_size} worker(s) x batch "
-            f"{config.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch; precision {config.precision}")
+            f"{config.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch; precision {config.precision}"
+            + (f"; gradients all-reduced in {allreduce}" if allreduce != "none" else ""))
         if config.precision == "bf16" and not config.gpus_per_worker and (warning := machine.slow_bf16_warning()):
             say(warning)
     train_step = make_train_step(strategy, model, optimizer, global_batch)

@@ -23,6 +23,11 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     np.testing.assert_allclose(out["double"], out["single"], rtol=1e-4, atol=1e-5)
     assert out["max_weight_diff"] < 1e-4
     assert out["double"][-1] < out["double"][0]
+    # Gradients summed in bfloat16: still one identical update on every replica, close to
+    # the float32 run but not equal to it (so the bf16 path really ran).
+    assert out["bf16_allreduce_identical"] is True
+    np.testing.assert_allclose(out["bf16_allreduce"], out["single"], rtol=2e-2)
+    assert 1e-6 < out["bf16_max_weight_diff"] < 1e-2
 
 
 def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, capsys):

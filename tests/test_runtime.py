@@ -1,6 +1,8 @@
 """The GPU and thread-pool branches, tested as logic on a CPU-only machine."""
 import json
 
+import pytest
+
 from mnist_dist import machine, runtime
 
 
@@ -48,3 +50,17 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_gets_a_warning_that_names_the_fix
     assert machine.slow_bf16_warning({"avx2", "avx512f", "avx512_bf16"}) is None
     assert machine.slow_bf16_warning({"avx2", "amx_bf16", "amx_int8"}) is None
     assert machine.slow_bf16_warning(set()) is None  # no x86 flags (ARM): not judged
+
+
+def test_gradient_allreduce_dtype_follows_precision_on_cpus_only():
+    from mnist_dist.config import ConfigError, TrainConfig
+
+    assert TrainConfig().allreduce_dtype == "fp32"
+    assert TrainConfig(precision="bf16").allreduce_dtype == "bf16"
+    assert TrainConfig(precision="bf16", gpus_per_worker=1).allreduce_dtype == "fp32"  # NCCL sums in fp32
+    assert TrainConfig(allreduce="bf16").validate().allreduce_dtype == "bf16"
+    assert TrainConfig(precision="bf16", allreduce="fp32").allreduce_dtype == "fp32"
+    with pytest.raises(ConfigError, match="unknown --allreduce 'fp8'"):
+        TrainConfig(allreduce="fp8").validate()
+    with pytest.raises(ConfigError, match="Fix: drop --allreduce or pass --allreduce fp32"):
+        TrainConfig(allreduce="bf16", gpus_per_worker=1).validate()

@@ -11,7 +11,8 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_dist.config import TrainConfig  # noqa: E402
 from mnist_dist.data import load  # noqa: E402
-from mnist_dist.loop import build_model_and_optimizer, distributed_epochs, make_statistics_sync, make_train_step  # noqa: E402
+from mnist_dist.loop import (build_model_and_optimizer, distributed_epochs, make_statistics_sync,  # noqa: E402
+                             make_train_step, sum_gradients_in_bfloat16)
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -23,11 +24,13 @@ def replicas_identical(model):
     return all(len({np.asarray(t).tobytes() for t in v.value.values}) == 1 for v in model.weights)
 
 
-def run(strategy, per_replica_batch, model_name="lenet5"):
+def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32"):
     config = TrainConfig(model=model_name, batch_size=per_replica_batch, workers=strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(7)
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch=32)
+    if allreduce == "bf16":
+        sum_gradients_in_bfloat16(optimizer)
     step = make_train_step(strategy, model, optimizer, global_batch=64)
     losses = []
     for batch in distributed_epochs(strategy, data, config, 0, 64):
@@ -49,6 +52,9 @@ single, _, w1, n1 = run(tf.distribute.get_strategy(), 64)
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collective keys are per strategy
 double, identical, w2, n2 = run(mirrored, 32)
 bn_before, bn_after = run(mirrored, 32, "cnn-bn")
+bf16_sum, bf16_identical, w3, _ = run(mirrored, 32, allreduce="bf16")
 print(json.dumps({"single": single, "double": double, "replicas": [n1, n2], "replicas_identical": identical,
                   "batch_norm_identical_before_sync": bn_before, "batch_norm_identical_after_sync": bn_after,
-                  "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2))}))
+                  "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)),
+                  "bf16_allreduce": bf16_sum, "bf16_allreduce_identical": bf16_identical,
+                  "bf16_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w3))}))

@@ -51,6 +51,7 @@ TRAIN_OPTIONS = {
     "--rotate": ("rotate", float, "with --augment: also rotate training images by up to this many degrees"),
     "--zoom": ("zoom", float, "with --augment: also scale training images by 1 +- this"),
     "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits; fast only on CPUs with AMX or AVX-512-BF16, and on GPUs)"),
+    "--allreduce": ("allreduce", str, "auto | fp32 | bf16: dtype the workers' gradients are summed in (auto: bf16 when --precision bf16 on CPUs)"),
     "--seed": ("seed", int, "shuffling and initialisation seed"),
     "--eval-every": ("eval_every", int, "steps between progress lines"),
     "--data-dir": ("data_dir", str, "folder with the MNIST IDX files (else $MNIST_DATA_DIR, else the cache)"),
@@ -175,12 +176,12 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.kind == "train":
         from mnist_dist.bench.train import run
-        from mnist_dist.config import PRECISIONS, ConfigError
+        from mnist_dist.config import TrainConfig
 
-        if args.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {args.precision!r}; choose {' or '.join(PRECISIONS)}")
+        # The same checks and messages as `train`.
+        TrainConfig(precision=args.precision, allreduce=args.allreduce).validate()
         run(model=args.model, global_batch=args.global_batch, precision=args.precision, steps=args.steps,
-            workers=tuple(args.workers), json_path=args.json)
+            workers=tuple(args.workers), json_path=args.json, allreduce=args.allreduce, rounds=args.rounds)
     elif args.kind == "infer":
         from mnist_dist.bench.infer import run
         run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
@@ -203,8 +204,10 @@ def add_bench_parsers(sub) -> None:
     k.add_argument("--model", default="tf-tutorial", choices=list(MODELS))
     k.add_argument("--global-batch", type=int, default=256)
     k.add_argument("--precision", default="fp32", help="fp32 | bf16 (mixed bfloat16)")
+    k.add_argument("--allreduce", default="auto", help="auto | fp32 | bf16: gradient all-reduce dtype of the Ray runs")
     k.add_argument("--steps", type=int, default=100, help="global batches per epoch; the second of 2 epochs is timed")
     k.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to measure")
+    k.add_argument("--rounds", type=int, default=1, help="measure every setup this many times, round-robin; report medians")
     k.add_argument("--json", default=None, help="also write the figures here")
     k.set_defaults(func=cmd_bench)
 

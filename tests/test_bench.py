@@ -8,13 +8,17 @@ from mnist_dist.bench.tta import first_reaching
 def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
     out = tmp_path / "train.json"
     proc = run_cli("bench", "train", "--model", "lenet5", "--steps", "3", "--global-batch", "32", "--workers", "1",
-                   "--json", out)
+                   "--rounds", "2", "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine: " in proc.stdout and "tensorflow" in proc.stdout and "vs plain fit" in proc.stdout
     figures = json.loads(out.read_text())
     assert set(figures["setups"]) == {"plain keras fit", "project step, 1 process", "ray, 1 worker"}
     assert figures["ratios_to_plain_fit"]["plain keras fit"] == 1.0
     assert all(s["img_s"] > 0 for s in figures["setups"].values())
+    # Two rounds: each setup measured twice, the median reported.
+    assert figures["rounds"] == 2 and all(len(s["img_s_runs"]) == 2 for s in figures["setups"].values())
+    assert all(min(s["img_s_runs"]) <= s["img_s"] <= max(s["img_s_runs"]) for s in figures["setups"].values())
+    assert figures["allreduce"] == "fp32" and "img/s of each round" in proc.stdout
     ray = figures["setups"]["ray, 1 worker"]
     assert ray["wall_seconds"] > ray["train_seconds"] > 0
     assert figures["machine"]["cores"] >= 1 and "keras" in figures["machine"]["versions"]

@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from mnist_dist.bench import header, save, table
+from mnist_dist.config import ConfigError, TrainConfig
 from mnist_dist.machine import usable_cores
 
 
@@ -30,7 +33,6 @@ def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int) -
     """(a), in this process: what a user gets from `compile` + `fit` with default settings."""
     import keras
 
-    from mnist_dist.config import TrainConfig
     from mnist_dist.data import load, normalize
     from mnist_dist.loop import make_optimizer
     from mnist_dist.models import build
@@ -56,7 +58,6 @@ def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int) -
 
 def _project_step(model_name: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
     """(b), in this process: the training loop the Ray workers run, with the default strategy."""
-    from mnist_dist.config import TrainConfig
     from mnist_dist.local import train_in_process
 
     with tempfile.TemporaryDirectory() as storage:
@@ -67,12 +68,12 @@ def _project_step(model_name: str, global_batch: int, precision: str, steps: int
     return {"img_s": result["history"][-1]["images_per_second"]}
 
 
-def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers: int) -> dict[str, Any]:
+def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers: int, allreduce: str) -> dict[str, Any]:
     """(c): the real command line, so start-up is measured as a user meets it."""
     cpus = max(1, usable_cores() // workers)
     with tempfile.TemporaryDirectory() as storage:
         command = [sys.executable, "-m", "mnist_dist.cli", "train", "--model", model_name, "--workers", str(workers),
-                   "--batch-size", str(global_batch // workers), "--precision", precision, "--epochs", "2",
+                   "--batch-size", str(global_batch // workers), "--precision", precision, "--allreduce", allreduce, "--epochs", "2",
                    "--train-limit", str(steps * global_batch), "--val-size", "1000", "--eval-every", str(10**9),
                    "--cpus-per-worker", str(cpus), "--storage", storage, "--name", "bench"]
         started = time.perf_counter()
@@ -86,6 +87,11 @@ def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers
             "cpus_per_worker": cpus}
 
 
+def _median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median img/s (the lower middle one of an even count)."""
+    return sorted(results, key=lambda r: r["img_s"])[(len(results) - 1) // 2]
+
+
 def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "mnist_dist.bench.train", setup, model, str(global_batch),
                            precision, str(steps)], capture_output=True, text=True,
@@ -96,29 +102,40 @@ def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, st
 
 
 def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "fp32", steps: int = 100,
-        workers: tuple[int, ...] = (1, 2), json_path: str | None = None,
+        workers: tuple[int, ...] = (1, 2), json_path: str | None = None, allreduce: str = "auto", rounds: int = 1,
         log: Callable[[str], None] = print) -> dict[str, Any]:
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
     for n in workers:
         if global_batch % n:
-            raise ValueError(f"global batch {global_batch} does not split over {n} workers; pick a multiple of {n}")
+            raise ConfigError(f"global batch {global_batch} does not split over {n} workers; pick a multiple of {n}")
     machine = header(log)
-    log(f"model {model}, global batch {global_batch}, precision {precision}, {steps} steps per epoch, "
-        "second of 2 epochs measured")
-    setups: dict[str, dict[str, Any]] = {}
+    reduced_in = TrainConfig(precision=precision, allreduce=allreduce).allreduce_dtype
+    log(f"model {model}, global batch {global_batch}, precision {precision} (Ray workers all-reduce gradients in "
+        f"{reduced_in}), {steps} steps per epoch, second of 2 epochs measured")
     plan = [("plain keras fit", lambda: _in_subprocess("plain", model, global_batch, precision, steps)),
             ("project step, 1 process", lambda: _in_subprocess("step", model, global_batch, precision, steps))]
-    plan += [(f"ray, {n} worker{'s' * (n > 1)}", lambda n=n: _ray(model, global_batch, precision, steps, n)) for n in workers]
-    for number, (name, measure) in enumerate(plan, 1):
-        log(f"[{number}/{len(plan)}] {name} ...")
-        setups[name] = measure()
-    base = setups["plain keras fit"]["img_s"]
-    table(["setup", "img/s", "vs plain fit", "wall s", "of which training s", "start-up overhead s"],
-          [[name, f"{s['img_s']:,.0f}", f"{s['img_s'] / base:.2f}x",
+    plan += [(f"ray, {n} worker{'s' * (n > 1)}", lambda n=n: _ray(model, global_batch, precision, steps, n, allreduce)) for n in workers]
+    # Round after round of every setup: a VM's speed drifts over minutes (here by up to 30%),
+    # so each ratio compares runs of the same round, and the median ratio is reported.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
+    for round_number in range(1, rounds + 1):
+        for number, (name, measure) in enumerate(plan, 1):
+            log(f"[{'round %d, ' % round_number if rounds > 1 else ''}{number}/{len(plan)}] {name} ...")
+            runs[name].append(measure())
+    setups = {name: {**_median_run(results),
+                     "img_s_runs": [r["img_s"] for r in results]} for name, results in runs.items()}
+    ratios = {name: float(np.median([r["img_s"] / base["img_s"] for r, base in zip(results, runs["plain keras fit"])]))
+              for name, results in runs.items()}
+    table(["setup", "img/s", "vs plain fit", "wall s", "of which training s", "start-up overhead s"]
+          + (["img/s of each round"] if rounds > 1 else []),
+          [[name, f"{s['img_s']:,.0f}", f"{ratios[name]:.2f}x",
             *([f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}", f"{s['startup_overhead_seconds']:.1f}"]
-              if "wall_seconds" in s else ["", "", ""])] for name, s in setups.items()], log)
+              if "wall_seconds" in s else ["", "", ""]),
+            *([" / ".join(f"{x:,.0f}" for x in s["img_s_runs"])] if rounds > 1 else [])] for name, s in setups.items()], log)
     payload = {"benchmark": "train", "machine": machine, "model": model, "global_batch": global_batch,
-               "precision": precision, "steps": steps, "setups": setups,
-               "ratios_to_plain_fit": {name: s["img_s"] / base for name, s in setups.items()}}
+               "precision": precision, "allreduce": reduced_in, "steps": steps, "rounds": rounds, "setups": setups,
+               "ratios_to_plain_fit": ratios}
     save(json_path, payload, log)
     return payload
 

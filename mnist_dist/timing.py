@@ -32,10 +32,7 @@ def throughput(run: Callable[[], object], batch: int, seconds: float = 1.0, warm
 
 
 def ort_session(path, threads: int = 1):
-    import onnxruntime as ort
+    """The session a device gets from the edge runtime, so verification times what ships."""
+    from mnist_edge.runtime import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(path, threads)

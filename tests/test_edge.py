@@ -111,3 +111,28 @@ def test_classifier_api_reads_normalisation_from_metadata(exported, test_images)
     assert (classifier.offset, classifier.scale) == (127.5, 255.0)
     predicted, probs = classifier.predict(images[:500])
     assert np.mean(predicted == labels[:500]) > 0.8 and np.allclose(probs.sum(1), 1)
+
+
+def _executed_ops(session) -> list[str]:
+    """Op types in the order ONNX Runtime ran them, from its profiler."""
+    session.run(None, {session.get_inputs()[0].name: np.zeros((1, 28, 28, 1), np.float32)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def test_int8_model_carries_its_session_settings_and_the_runtime_applies_them(exported, tmp_path):
+    import onnxruntime as ort
+
+    from mnist_edge.runtime import open_session, session_settings
+
+    int8 = exported["dir"] / "model.int8.onnx"
+    assert session_settings(int8) == {"disabled_optimizers": ["QDQPropagationTransformer"]}
+    assert session_settings(exported["dir"] / "model.onnx") == {}
+    # The edge runtime's session quantizes after the first (fp32) max-pool; a session without
+    # the model's settings hoists the QuantizeLinear above it and pools in uint8.
+    ours = _executed_ops(open_session(int8, profile_prefix=str(tmp_path / "ours")))
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "plain")
+    plain = _executed_ops(ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"]))
+    assert ours.index("MaxPool") < ours.index("QuantizeLinear"), ours
+    assert plain.index("QuantizeLinear") < plain.index("MaxPool"), plain

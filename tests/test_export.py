@@ -52,7 +52,13 @@ def test_onnx_model_has_named_dynamic_input_metadata_and_a_lean_graph(exported, 
     # 7-bit weights: full-range int8 saturates on x86 CPUs without VNNI (see quantize_int8).
     int8_weights = [w for w in (onnx.numpy_helper.to_array(i) for i in int8.graph.initializer
                                 if i.data_type == onnx.TensorProto.INT8) if w.ndim >= 2]
-    assert len(int8_weights) == 4 and max(int(np.abs(w.astype(int)).max()) for w in int8_weights) == 64
+    # The first convolution stays fp32 (see quantize_int8): three int8 weight tensors, not four.
+    assert len(int8_weights) == 3 and max(int(np.abs(w.astype(int)).max()) for w in int8_weights) == 64
+    float_inits = {i.name for i in int8.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    first_conv = next(n for n in int8.graph.node if n.op_type == "Conv")
+    assert first_conv.input[1] in float_inits  # its weights are read as-is, not through a DequantizeLinear
+    int8_meta = {p.key: p.value for p in int8.metadata_props}
+    assert json.loads(int8_meta["mnist_dist.ort_session"]) == {"disabled_optimizers": ["QDQPropagationTransformer"]}
 
 
 def test_a_corrupted_weight_is_refused_and_nothing_is_published(small_run, monkeypatch, tmp_path):
@@ -115,11 +121,20 @@ def test_bad_input_gets_a_clear_error(case, small_run, tmp_path):
 
 def test_force_replaces_a_verified_export(small_run, tmp_path):
     out = tmp_path / "out"
-    assert export_mod.export(run=str(small_run), out=str(out), log=lambda _: None)["verified"]
+    # This test is about --force, not int8 quality: the 1-epoch, 94% LeNet-5 sits close to its
+    # decision boundaries, and how many of them int8 rounding flips depends on the CPU's int8
+    # kernels (0.03 pp on one machine, over 0.1 pp on another). The real run's export keeps the
+    # 0.1 pp rule (conftest's `exported`); a 1 pp limit here still catches a broken int8 model.
+    def export(**kwargs):
+        report = export_mod.export(run=str(small_run), out=str(out), max_int8_drop_pp=1.0, log=lambda _: None, **kwargs)
+        assert report["verified"], report["rules"]
+        return report
+
+    export()
     first = json.loads((out / "report.json").read_text())["created"]
     with pytest.raises(export_mod.ExportError):
-        export_mod.export(run=str(small_run), out=str(out), log=lambda _: None)
-    assert export_mod.export(run=str(small_run), out=str(out), force=True, log=lambda _: None)["verified"]
+        export()
+    export(force=True)
     assert (out / "model.onnx").is_file() and json.loads((out / "report.json").read_text())["created"] >= first
     assert not list(tmp_path.glob(".out*"))  # no temporary or backup folder left behind
 

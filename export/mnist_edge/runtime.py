@@ -12,6 +12,9 @@ from mnist_edge.errors import EdgeError
 # Metadata keys written by `mnist-dist export` (see README: export/report.json schema).
 META_NORMALIZATION = "mnist_dist.normalization"
 META_LABELS = "mnist_dist.labels"
+# ONNX Runtime session settings the model needs to run at its best, as JSON, e.g.
+# {"disabled_optimizers": ["QDQPropagationTransformer"]} on the int8 model (see export).
+META_SESSION = "mnist_dist.ort_session"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 
@@ -26,17 +29,37 @@ def resolve_model(path: str | Path, int8: bool = False) -> Path:
     return path
 
 
+def session_settings(path: str | Path) -> dict:
+    """The model's own ONNX Runtime settings (META_SESSION), read without optimizing it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    meta = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    return json.loads(meta.get(META_SESSION, "{}"))
+
+
+def open_session(path: str | Path, threads: int = 1, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session with `threads` intra-op threads and the model's own settings."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    disabled = session_settings(path).get("disabled_optimizers", [])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
 class Classifier:
     def __init__(self, model: str | Path, int8: bool = False, threads: int = 1):
-        import onnxruntime as ort
-
         self.path = resolve_model(model, int8)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = open_session(self.path, threads)
         except Exception as exc:  # onnxruntime raises its own opaque types for bad files
             raise EdgeError(f"{self.path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]}). "
                             "Fix: re-export it with `mnist-dist export`.") from None

@@ -65,15 +65,10 @@ def node_profile(path: Path, runs: int = 300) -> list[tuple[str, str, float]]:
     import collections
     import tempfile
 
-    import onnxruntime as ort
+    from mnist_edge.runtime import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.log_severity_level = 3
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = f"{tmp}/ort"
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(path, threads=1, profile_prefix=f"{tmp}/ort")
         name = session.get_inputs()[0].name
         one, _ = _inputs()
         for _ in range(runs):

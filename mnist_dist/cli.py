@@ -74,6 +74,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind, default=None, help=help_text)
     parser.add_argument("--augment", action="store_true", default=None, help="shift training images by up to 2 px")
     parser.add_argument("--synthetic", action="store_true", default=None, help="fake learnable digits instead of MNIST")
+    parser.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false", default=None,
+                        help="leave worker threads to the OS scheduler (by default, CPU workers that fill a node each keep to their own CPUs)")
     parser.add_argument("--in-process", action="store_true",
                         help="one process, no Ray (the default strategy); checkpoints in --storage/--name")
 
@@ -82,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
     from mnist_dist.config import preset
 
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, (field, _k, _h) in TRAIN_OPTIONS.items()}
-    overrides.update(augment=args.augment, synthetic=args.synthetic)
+    overrides.update(augment=args.augment, synthetic=args.synthetic, pin_cpus=args.pin_cpus)
     if args.in_process:
         overrides["workers"] = 1
     return preset(args.preset, **overrides)

@@ -58,6 +58,8 @@ class TrainConfig:
     workers: int = 2
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
+    # CPU workers that fill their node's CPUs each keep to their own (runtime.cores_to_pin).
+    pin_cpus: bool = True
     address: str | None = None  # None: embedded local Ray
     storage: str = "runs"
     name: str | None = None

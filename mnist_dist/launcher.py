@@ -27,6 +27,7 @@ class RaySession:
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.local_rank, self.local_world_size = context.get_local_rank(), context.get_local_world_size()
         self.run_dir = run_dir
 
     @contextlib.contextmanager
@@ -54,15 +55,32 @@ def worker_main(config_dict: dict[str, Any]) -> None:
     from mnist_dist import runtime
 
     config = TrainConfig.from_dict(config_dict)
-    runtime.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
     session = RaySession(run_dir(config))
+    pinned = pin_worker(config, session)  # before TensorFlow starts its thread pools
+    runtime.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
     if os.environ.get(PID_DIR_ENV):
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
     runtime.quiet_worker_logs()
+    if pinned and session.rank == 0:
+        runtime.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
+                        f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
     strategy = runtime.make_strategy(use_gpu=config.gpus_per_worker > 0)
     from mnist_dist.loop import train
 
     train(config, session, strategy=strategy, log=runtime.console)
+
+
+def pin_worker(config: TrainConfig, session: RaySession) -> set[int] | None:
+    """Pin this CPU worker's threads when the run's workers fill the node (runtime.cores_to_pin)."""
+    from mnist_dist import runtime
+
+    if not config.pin_cpus or config.gpus_per_worker or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = runtime.cores_to_pin(session.local_rank, session.local_world_size, config.cpus_per_worker,
+                                 os.sched_getaffinity(0))
+    if cores:
+        runtime.pin_threads(cores)
+    return cores
 
 
 def storage_path(storage: str) -> str:

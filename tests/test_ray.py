@@ -63,6 +63,15 @@ def test_only_the_workers_import_tensorflow(ray_run):
     assert set(records) == workers, f"other processes imported TensorFlow: {records}"
 
 
+def test_workers_that_fill_the_machine_are_pinned_to_their_own_cores(ray_run):
+    """2 one-CPU workers: pinned when this machine offers exactly 2 CPUs, else left to the OS."""
+    out = ray_run["stdout"] + ray_run["stderr"]
+    if len(os.sched_getaffinity(0)) == 2:
+        assert out.count("worker threads pinned: each worker keeps to its own 1 CPU(s)") == 1, out[-3000:]
+    else:
+        assert "worker threads pinned" not in out
+
+
 def test_local_ray_starts_no_preemption_watcher(ray_run):
     # With it on, Ray Train starts one more actor and logs a core_worker error naming it.
     assert "PreemptionWatcher" not in ray_run["stdout"] + ray_run["stderr"]

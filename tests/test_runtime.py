@@ -64,3 +64,25 @@ def test_gradient_allreduce_dtype_follows_precision_on_cpus_only():
         TrainConfig(allreduce="fp8").validate()
     with pytest.raises(ConfigError, match="Fix: drop --allreduce or pass --allreduce fp32"):
         TrainConfig(allreduce="bf16", gpus_per_worker=1).validate()
+
+
+def test_cpu_workers_that_fill_the_node_each_get_their_own_cores():
+    # 2 one-CPU workers on a 2-core machine: one core each.
+    assert runtime.cores_to_pin(0, 2, 1, {0, 1}) == {0} and runtime.cores_to_pin(1, 2, 1, {0, 1}) == {1}
+    # 2 two-CPU workers on the CPUs 4-7 this process may use: blocks of the allowed list.
+    assert runtime.cores_to_pin(1, 2, 2, {4, 5, 6, 7}) == {6, 7}
+    # Workers that leave CPUs free share the node with other Ray work: no pinning.
+    assert runtime.cores_to_pin(0, 1, 1, {0, 1}) is None
+    # A container whose quota (2 workers x 1 CPU) is below the host's 64 listed cores: no pinning.
+    assert runtime.cores_to_pin(0, 2, 1, set(range(64))) is None
+
+
+def test_pinning_is_skipped_for_gpu_workers_and_on_request():
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.launcher import pin_worker
+
+    class Session:
+        local_rank, local_world_size = 0, 2
+
+    assert pin_worker(TrainConfig(pin_cpus=False), Session()) is None
+    assert pin_worker(TrainConfig(gpus_per_worker=1), Session()) is None

@@ -119,3 +119,10 @@ def quiet_worker_logs() -> None:
     tf.get_logger().setLevel(logging.ERROR)
     for name in ("ray.train", "ray.tune", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train logs each report, the whole metrics dict, at INFO under a logger named after
+    # its source file (outside "ray.train"): after every epoch, two long lines per worker.
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: its lines stay
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)

@@ -81,6 +81,7 @@ def test_driver_prints_rank_zero_lines_once(ray_run):
     out = ray_run["stdout"]
     assert out.count("step     20 ") == 1
     assert out.count("epoch 1/2: validation accuracy") == 1
+    assert "Reporting training result" not in out  # Ray Train's per-report INFO line, metrics dict and all
 
 
 def _start_training(storage, name, extra_env=None, epochs=3, model="lenet5", extra_args=()):

@@ -61,6 +61,7 @@ class TrainConfig:
     # CPU workers that fill their node's CPUs each keep to their own (runtime.cores_to_pin).
     pin_cpus: bool = True
     address: str | None = None  # None: embedded local Ray
+    dashboard: bool = False  # the embedded local Ray's dashboard (http://127.0.0.1:8265)
     storage: str = "runs"
     name: str | None = None
     max_failures: int = 0

@@ -86,3 +86,23 @@ def test_pinning_is_skipped_for_gpu_workers_and_on_request():
 
     assert pin_worker(TrainConfig(pin_cpus=False), Session()) is None
     assert pin_worker(TrainConfig(gpus_per_worker=1), Session()) is None
+
+
+def test_the_embedded_local_ray_starts_without_the_dashboard_unless_asked(monkeypatch):
+    import os
+
+    from mnist_dist.cli import build_parser, config_from_args
+    from mnist_dist.launcher import local_ray_options
+
+    reconcile = "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION"
+    monkeypatch.delenv(reconcile, raising=False)
+    plain = config_from_args(build_parser().parse_args(["train"]))
+    assert plain.dashboard is False and plain.pin_cpus is True
+    assert local_ray_options(plain)["include_dashboard"] is False
+    assert os.environ[reconcile] == "0"  # no State API to reconcile against
+
+    monkeypatch.delenv(reconcile)
+    asked = config_from_args(build_parser().parse_args(["train", "--dashboard", "--no-pin-cpus"]))
+    assert asked.dashboard is True and asked.pin_cpus is False
+    assert local_ray_options(asked)["include_dashboard"] is True
+    assert reconcile not in os.environ

@@ -106,3 +106,16 @@ def test_the_embedded_local_ray_starts_without_the_dashboard_unless_asked(monkey
     assert asked.dashboard is True and asked.pin_cpus is False
     assert local_ray_options(asked)["include_dashboard"] is True
     assert reconcile not in os.environ
+
+
+def test_hidden_modules_raise_inside_and_import_normally_after():
+    import sys
+
+    name = "mnist_dist_hidden_probe_module"
+    with runtime.hidden_modules(name, "json"):  # json is already imported: left alone
+        with pytest.raises(ImportError):
+            __import__(name)
+        assert sys.modules["json"] is json
+    assert name not in sys.modules
+    with pytest.raises(ModuleNotFoundError, match="No module named"):  # the normal error again
+        __import__(name)

@@ -115,15 +115,30 @@ def init_ray(config: TrainConfig) -> None:
         # and teardown waits for a poll: a no-op 2-worker Ray Train run took 18.4 s of wall
         # time here, and 15.0-15.9 s when polling every 0.5 s.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        if not config.dashboard:
+            runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_placement_group_cleaner"
         ray.init(**local_ray_options(config), runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Ray worker-process setup hook of the dashboard-less local Ray (see local_ray_options).
+
+    Ray Train's placement-group cleaner asks the State API, which the dashboard serves,
+    whether the controller is alive once a second, and logs each failed query as a warning
+    that Ray forwards to the driver's console. Its own failures stay visible (ERROR).
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def local_ray_options(config: TrainConfig) -> dict[str, Any]:
     """`ray.init` arguments of the embedded local Ray (no address)."""
     if not config.dashboard:
         # Without the dashboard there is no State API for Ray Train's state actor to poll.
-        # (Its placement-group cleaner then logs a failed query each second, into its own
-        # log file only; on one machine the driver's Ray shutdown removes the group anyway.)
+        # Its placement-group cleaner cannot check on the controller either (its warnings are
+        # quieted by `quiet_placement_group_cleaner`); on one machine the driver's Ray
+        # shutdown removes the placement group anyway.
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     # The dashboard is about ten more processes, and while a run trains it answers that
     # cleaner's State API query every second. Without it, a 2-worker run on 2 cores

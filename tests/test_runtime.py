@@ -95,13 +95,14 @@ def test_the_embedded_local_ray_starts_without_the_dashboard_unless_asked(monkey
     from mnist_dist.launcher import local_ray_options
 
     reconcile = "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION"
-    monkeypatch.delenv(reconcile, raising=False)
+    # A copy, so the variable the launcher sets does not leak into later tests' Ray runs.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != reconcile})
     plain = config_from_args(build_parser().parse_args(["train"]))
     assert plain.dashboard is False and plain.pin_cpus is True
     assert local_ray_options(plain)["include_dashboard"] is False
     assert os.environ[reconcile] == "0"  # no State API to reconcile against
 
-    monkeypatch.delenv(reconcile)
+    del os.environ[reconcile]
     asked = config_from_args(build_parser().parse_args(["train", "--dashboard", "--no-pin-cpus"]))
     assert asked.dashboard is True and asked.pin_cpus is False
     assert local_ray_options(asked)["include_dashboard"] is True

@@ -30,6 +30,52 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     assert 1e-6 < out["bf16_max_weight_diff"] < 1e-2
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimizer):
+    """The step adds the L2 penalty's gradient and runs the optimizer in XLA programs: the
+    weights must follow Keras' plain step, penalty in the loss, to float32 round-off."""
+    import keras
+    import tensorflow as tf
+
+    from mnist_dist.loop import build_model_and_optimizer, make_train_step
+
+    config = TrainConfig(model="tf-tutorial", optimizer=optimizer, l2=5e-2)  # a large penalty: its gradient must count
+    rng = np.random.default_rng(0)
+    batches = [(tf.constant(rng.normal(size=(16, 28, 28, 1)), tf.float32), tf.constant(rng.integers(0, 10, 16)))
+               for _ in range(3)]
+
+    def keras_step(model, opt, with_penalty):
+        @tf.function
+        def step(batch):
+            with tf.GradientTape() as tape:
+                logits = model(batch[0], training=True)
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(batch[1], logits, from_logits=True))
+                if with_penalty:
+                    loss += tf.add_n(model.losses)
+            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+            return loss, 0.0
+        return step
+
+    runs = {}
+    for variant in ("fused", "keras", "keras without the penalty"):
+        keras.utils.set_random_seed(3)
+        model, opt = build_model_and_optimizer(config, steps_per_epoch=2)  # the rate decays after step 2
+        model.get_layer(index=6).rate = 0.0  # no dropout: every variant sees the same forward pass
+        step = (make_train_step(tf.distribute.get_strategy(), model, opt, global_batch=16, allreduce="none")
+                if variant == "fused" else keras_step(model, opt, with_penalty=variant == "keras"))
+        losses = [float(step(batch)[0]) for batch in batches]
+        runs[variant] = losses, [w.numpy() for w in model.trainable_weights], int(opt.iterations.numpy())
+    (fused_losses, fused_weights, fused_steps), (keras_losses, keras_weights, keras_steps) = runs["fused"], runs["keras"]
+    assert fused_steps == keras_steps == 3
+    np.testing.assert_allclose(fused_losses, keras_losses, rtol=1e-5)
+    for a, b in zip(fused_weights, keras_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The penalty's gradient really counted: without it the dense kernel ends elsewhere.
+    dense_kernel = [w.shape for w in fused_weights].index((3136, 512))
+    without = runs["keras without the penalty"][1][dense_kernel]
+    assert np.abs(fused_weights[dense_kernel] - without).max() > 10 * np.abs(fused_weights[dense_kernel] - keras_weights[dense_kernel]).max()
+
+
 def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, capsys):
     config = TrainConfig(model="lenet5", epochs=1, batch_size=64, workers=1, optimizer="sgd", learning_rate=0.05, val_size=2000,
                          train_limit=19200, eval_every=100, data_dir=str(mnist_dir))

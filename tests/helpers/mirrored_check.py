@@ -12,7 +12,7 @@ import tensorflow as tf  # noqa: E402
 from mnist_dist.config import TrainConfig  # noqa: E402
 from mnist_dist.data import load  # noqa: E402
 from mnist_dist.loop import (build_model_and_optimizer, distributed_epochs, make_statistics_sync,  # noqa: E402
-                             make_train_step, sum_gradients_in_bfloat16)
+                             make_train_step)
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -29,9 +29,8 @@ def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32"):
     keras.utils.set_random_seed(7)
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch=32)
-    if allreduce == "bf16":
-        sum_gradients_in_bfloat16(optimizer)
-    step = make_train_step(strategy, model, optimizer, global_batch=64)
+    step = make_train_step(strategy, model, optimizer, global_batch=64,
+                           allreduce=allreduce if strategy.num_replicas_in_sync > 1 else "none")
     losses = []
     for batch in distributed_epochs(strategy, data, config, 0, 64):
         loss, _ = step(batch)

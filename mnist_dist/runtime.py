@@ -103,7 +103,7 @@ def configure_process(cpus: int, use_gpu: bool) -> None:
         import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
-    tf.config.threading.set_inter_op_parallelism_threads(int(os.environ.get("XP_INTER", cpus)))
+    tf.config.threading.set_inter_op_parallelism_threads(cpus)
     if use_gpu:
         # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPUs, so TF sees only its own.
         for gpu in tf.config.list_physical_devices("GPU"):
@@ -124,9 +124,7 @@ def make_strategy(use_gpu: bool):
         return tf.distribute.get_strategy()
     plan = device_plan(1, 1 if use_gpu else 0)
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=getattr(tf.distribute.experimental.CommunicationImplementation, plan.collective),
-        bytes_per_pack=int(os.environ.get("XP_PACK", "0")))
-    console(f"XP pack {os.environ.get('XP_PACK')} nosync {os.environ.get('XP_NOSYNC')}")
+        implementation=getattr(tf.distribute.experimental.CommunicationImplementation, plan.collective))
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 

@@ -115,7 +115,8 @@ def take_over_gradient_sum(optimizer) -> None:
 
     Keras' TensorFlow optimizer sums replicas' gradients in `_all_reduce_sum_gradients`, its
     one hook for aggregation (what tf_keras called `experimental_aggregate_gradients`). The
-    step does that sum itself, before its XLA update program, which cannot hold a collective.
+    step sums them itself (`gradient_sum`), in fp32 or bf16, so the optimizer must not sum
+    them a second time.
     """
     import keras
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol
 import numpy as np
 
 from mnist_dist import checkpoint as ckpt
-from mnist_dist import machine
+from mnist_dist import gradients, machine
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import Mnist, load, synthetic
 from mnist_dist.summaries import Summaries
@@ -110,111 +110,35 @@ def make_optimizer(config: TrainConfig, learning_rate):
     return keras.optimizers.SGD(learning_rate, momentum=config.momentum)
 
 
-def take_over_gradient_sum(optimizer) -> None:
-    """Stops `optimizer` from all-reducing the gradients it is given: the train step sums them.
-
-    Keras' TensorFlow optimizer sums replicas' gradients in `_all_reduce_sum_gradients`, its
-    one hook for aggregation (what tf_keras called `experimental_aggregate_gradients`). The
-    step sums them itself (`gradient_sum`), in fp32 or bf16, so the optimizer must not sum
-    them a second time.
-    """
-    import keras
-
-    if not hasattr(optimizer, "_all_reduce_sum_gradients"):
-        raise RuntimeError(f"Keras {keras.__version__}'s optimizer has no `_all_reduce_sum_gradients` hook; "
-                           "mnist-dist needs the Keras version in pyproject.toml. Fix: pip install -e .")
-    optimizer._all_reduce_sum_gradients = list
-
-
-def gradient_sum(allreduce: str) -> Callable:
-    """Sums the replicas' gradients in `allreduce` ("fp32", "bf16", or "none" for one replica).
-
-    On CPU workers the ring all-reduce runs over gRPC and the step waits for it: with two
-    one-core workers it took 17 ms of every fp32 step of tf-tutorial (6.6 MB of gradients),
-    and 27 ms of a 75 ms bf16 step. In bf16, half the bytes, half of that. Every replica still
-    receives the same sum, so the weights stay identical and every step stays synchronous;
-    the cost is bf16's 8-bit mantissa on the gradients, which mixed-bf16 training already pays.
-    """
-    import tensorflow as tf
-
-    def sum_over_replicas(grads):
-        if allreduce == "none":
-            return grads
-        context = tf.distribute.get_replica_context()
-        if allreduce == "fp32":
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.cast(g, tf.bfloat16) for g in grads])
-        return [tf.cast(s, g.dtype) for s, g in zip(summed, grads)]
-
-    return sum_over_replicas
-
-
 def current_lr(optimizer) -> float:
     """The scheduled learning rate at the optimizer's current global step."""
     return float(optimizer.learning_rate.numpy())
 
 
-def fuse_update_step(optimizer, model) -> None:
-    """Runs `optimizer`'s per-variable update, with the weight penalty's gradient, as XLA programs.
-
-    Autodiff builds the penalty's gradient (2 * l2 * w) from five full-size passes over each
-    dense kernel, and Keras' Adam updates a variable in ten more; XLA fuses each variable's
-    share into one pass. On one core that took penalty and update from about 10 ms to 3 ms a
-    step for tf-tutorial's 1.66M weights, a cost every worker pays in full for the whole model.
-    The penalty joins the gradient after the all-reduce: every replica adds the same penalty
-    gradient to the same sum, which is the gradient of the penalized loss. The convolutions
-    stay outside XLA, on oneDNN.
-    """
-    import tensorflow as tf
-
-    regularizers = [getattr(v, "regularizer", None) for v in model.trainable_variables]
-    keras_update_step = optimizer.update_step
-    programs: dict[int, Callable] = {}
-
-    def program_for(variable):
-        # One program per variable: each closes over its own variable and slots, so a trace
-        # is never shared between two variables of the same shape.
-        regularizer = regularizers[optimizer._get_variable_index(variable)]
-
-        def update(gradient, learning_rate):
-            if regularizer is not None:
-                with tf.GradientTape() as tape:
-                    penalty = regularizer(variable)
-                gradient = gradient + tf.cast(tape.gradient(penalty, variable), gradient.dtype)
-            keras_update_step(gradient, variable, learning_rate)
-
-        return tf.function(update, jit_compile=True)
-
-    def update_step(gradient, variable, learning_rate):
-        if id(variable) not in programs:
-            programs[id(variable)] = program_for(variable)
-        programs[id(variable)](gradient, learning_rate)
-
-    optimizer.update_step = update_step
-
-
 def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: str = "fp32") -> Callable:
-    """The synchronous train step: local gradients, one all-reduce, one fused update per variable."""
+    """The synchronous train step: local gradients, one collective, one fused update per
+    variable (`mnist_dist.gradients`)."""
     import keras
     import tensorflow as tf
 
     replicas = strategy.num_replicas_in_sync
-    take_over_gradient_sum(optimizer)
-    sum_over_replicas = gradient_sum(allreduce if replicas > 1 else "none")
-    fuse_update_step(optimizer, model)
+    gradients.take_over_gradient_sum(optimizer)
+    gradients.fuse_update_step(optimizer, model)
+    exchange = gradients.GradientExchange(model, global_batch // replicas, replicas, allreduce)
     variables = model.trainable_variables
+
     # The penalty's value, for the reported loss; its gradient is added in the update. Not
     # in XLA: its sum of squares took 1.75 ms there, and 1.0 ms on TensorFlow's own kernels.
     def penalty():
         return tf.add_n(model.losses) if model.losses else tf.constant(0.0)
 
     def replica_step(images, labels):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, exchange.recording() as seen:
             logits = tf.cast(model(images, training=True), tf.float32)
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
         reported = loss + tf.nn.scale_regularization_loss(penalty())  # read before the update
-        optimizer.apply_gradients(zip(sum_over_replicas(tape.gradient(loss, variables)), variables))
+        optimizer.apply_gradients(zip(exchange(tape, loss, seen), variables))
         wrong = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) != labels, tf.float32))
         return reported, wrong
 
@@ -404,7 +328,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         say(data.describe())
         say(f"model {config.model}: {model.count_params():,} parameters; {session.world_size} worker(s) x batch "
             f"{config.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch; precision {config.precision}"
-            + (f"; gradients all-reduced in {allreduce}" if allreduce != "none" else ""))
+            + gradients.describe(model, config.batch_size, strategy.num_replicas_in_sync, allreduce))
         if config.precision == "bf16" and not config.gpus_per_worker and (warning := machine.slow_bf16_warning()):
             say(warning)
     train_step = make_train_step(strategy, model, optimizer, global_batch, allreduce)

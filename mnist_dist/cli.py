@@ -107,8 +107,11 @@ def run_training(config, in_process: bool = False) -> dict:
     if in_process:
         from mnist_dist.local import train_in_process
         return train_in_process(config)
-    from mnist_dist.launcher import train
-    return train(config)
+    from mnist_dist.launcher import stop_ray, train
+    try:
+        return train(config)
+    finally:
+        stop_ray()
 
 
 # ---------------------------------------------------------------- export / predict

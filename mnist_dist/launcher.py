@@ -122,6 +122,21 @@ def init_ray(config: TrainConfig) -> None:
         ray.init(**local_ray_options(config), runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
 
 
+def stop_ray() -> None:
+    """Stops the embedded local Ray, or disconnects from a cluster, once the run is over.
+
+    Left to interpreter exit, Ray first sleeps 0.5 s so that workers' log lines can finish
+    printing; once the run's results are printed, the workers' last lines are long in. A
+    process ended 2.05 s after its last line that way and 1.54 s after it with an explicit
+    `ray.shutdown()` (two runs each). What follows in the same process (the pipeline's
+    export) also gets the CPUs the Ray processes held.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def quiet_placement_group_cleaner() -> None:
     """Ray worker-process setup hook of the dashboard-less local Ray (see local_ray_options).
 

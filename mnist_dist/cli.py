@@ -51,7 +51,7 @@ TRAIN_OPTIONS = {
     "--rotate": ("rotate", float, "with --augment: also rotate training images by up to this many degrees"),
     "--zoom": ("zoom", float, "with --augment: also scale training images by 1 +- this"),
     "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits; fast only on CPUs with AMX or AVX-512-BF16, and on GPUs)"),
-    "--allreduce": ("allreduce", str, "auto | fp32 | bf16: dtype the workers' gradients are summed in (auto: bf16 when --precision bf16 on CPUs)"),
+    "--allreduce": ("allreduce", str, "auto | fp32 | bf16: dtype the workers' gradients (and a big dense layer's gathered inputs and output gradients) travel and are summed in (auto: bf16 when --precision bf16 on CPUs)"),
     "--seed": ("seed", int, "shuffling and initialisation seed"),
     "--eval-every": ("eval_every", int, "steps between progress lines"),
     "--data-dir": ("data_dir", str, "folder with the MNIST IDX files (else $MNIST_DATA_DIR, else the cache)"),

@@ -154,7 +154,6 @@ class GradientExchange:
 
     def __init__(self, model, local_batch: int, replicas: int, allreduce: str):
         self.variables = model.trainable_variables
-        self.replicas = replicas
         self.allreduce = allreduce if replicas > 1 else "none"
         self.sum_all = gradient_sum(self.allreduce)
         self.gathered = gathered_dense_layers(model, local_batch, replicas)

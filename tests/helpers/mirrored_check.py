@@ -56,4 +56,5 @@ print(json.dumps({"single": single, "double": double, "replicas": [n1, n2], "rep
                   "batch_norm_identical_before_sync": bn_before, "batch_norm_identical_after_sync": bn_after,
                   "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)),
                   "bf16_allreduce": bf16_sum, "bf16_allreduce_identical": bf16_identical,
-                  "bf16_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w3))}))
+                  "bf16_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w3)),
+                  "bf16_mean_weight_diff": float(np.mean([np.abs(a - b).mean() for a, b in zip(w1, w3)]))}))

@@ -26,7 +26,8 @@ def test_export_of_the_ray_run_is_verified_with_a_full_report(exported, ray_run)
         assert report[name]["size_bytes"] == (out / report[name]["file"]).stat().st_size
     assert report["fp32"]["argmax_disagreements"] == 0 and report["fp32"]["max_abs_logit_diff"] <= 1e-4
     assert report["fp32"]["tf_accuracy"] == pytest.approx(ray_run["result"]["test_accuracy"])
-    assert report["int8"]["tf_accuracy"] - report["int8"]["ort_accuracy"] <= 0.001
+    # At most 0.1 pp, counted in images: 0.9645 - 0.9635 is a little over 0.001 in floats.
+    assert round(10000 * (report["int8"]["tf_accuracy"] - report["int8"]["ort_accuracy"])) <= 10
     assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"] / 3
     assert report["checkpoint"] == ray_run["result"]["best_checkpoint"]
     assert "VERIFIED" in (out / "report.md").read_text()

@@ -54,6 +54,7 @@ TRAIN_OPTIONS = {
     "--allreduce": ("allreduce", str, "auto | fp32 | bf16: dtype the workers' gradients (and a big dense layer's gathered inputs and output gradients) travel and are summed in (auto: bf16 when --precision bf16 on CPUs)"),
     "--seed": ("seed", int, "shuffling and initialisation seed"),
     "--eval-every": ("eval_every", int, "steps between progress lines"),
+    "--steps-per-execution": ("steps_per_execution", int, "train steps per tf.function call, as in Keras (default 10)"),
     "--data-dir": ("data_dir", str, "folder with the MNIST IDX files (else $MNIST_DATA_DIR, else the cache)"),
     "--val-size": ("val_size", int, "first N training images held out for validation (default 5000)"),
     "--train-limit": ("train_limit", int, "train on the first N remaining images only"),

@@ -45,6 +45,10 @@ class TrainConfig:
     allreduce: str = "auto"
     seed: int = 0
     eval_every: int = 100  # steps between progress lines
+    # Train steps per tf.function call (Keras' steps_per_execution): the steps run in one
+    # in-graph loop, which spares each step the Python call and its dispatch (about 2 ms of
+    # a 26 ms bf16 step on one core). A call always ends at a progress line and an epoch end.
+    steps_per_execution: int = 10
     # Benchmarks only (`bench tta`): also score the test set at each eval interval. The
     # scores are recorded, never used to choose anything.
     probe_test: bool = False
@@ -98,6 +102,7 @@ class TrainConfig:
             (0 <= self.rotate <= 45, f"--rotate must be in [0, 45] degrees, got {self.rotate}"),
             (0 <= self.zoom < 0.5, f"--zoom must be in [0, 0.5), got {self.zoom}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (self.steps_per_execution >= 1, f"--steps-per-execution must be >= 1, got {self.steps_per_execution}"),
             (self.keep_checkpoints >= 1, f"--keep must be >= 1, got {self.keep_checkpoints}"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}"),
         ]

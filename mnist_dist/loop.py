@@ -117,7 +117,13 @@ def current_lr(optimizer) -> float:
 
 def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: str = "fp32") -> Callable:
     """The synchronous train step: local gradients, one collective, one fused update per
-    variable (`mnist_dist.gradients`)."""
+    variable (`mnist_dist.gradients`).
+
+    Returns `train_steps(chunk, steps)`: it runs the first `steps` of the batches stacked in
+    `chunk` (a distributed (images, labels) of shape [K, local batch, ...], from
+    `distributed_epochs`) in one in-graph loop, and returns this worker's share of the
+    summed loss, and of the last step's loss and error rate.
+    """
     import keras
     import tensorflow as tf
 
@@ -132,7 +138,8 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
     def penalty():
         return tf.add_n(model.losses) if model.losses else tf.constant(0.0)
 
-    def replica_step(images, labels):
+    def replica_step(images, labels, index):
+        images, labels = images[index], labels[index]
         with tf.GradientTape() as tape, exchange.recording() as seen:
             logits = tf.cast(model(images, training=True), tf.float32)
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
@@ -146,18 +153,24 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
         return tf.add_n(strategy.experimental_local_results(per_replica))
 
     @tf.function
-    def train_step(batch):
-        """One synchronous step; returns this worker's share of the global batch's loss and
-        error rate (summed over the workers, they give the global figures).
-
-        The shares are not summed over the workers here: two scalar all-reduces a step, each
-        a gRPC round trip, cost 2 one-core workers 4-7% of their throughput. The loop sums
-        them only when it prints them.
+    def train_steps(chunk, steps):
+        """Shares of this worker, not sums over the workers: two scalar all-reduces a step,
+        each a gRPC round trip, cost 2 one-core workers 4-7% of their throughput. The loop
+        sums them only when it prints them.
         """
-        loss, wrong = strategy.run(replica_step, args=batch)
-        return local_sum(loss), local_sum(wrong) / global_batch
+        def one_step(index, total, _loss, _error):
+            loss, wrong = strategy.run(replica_step, args=(*chunk, index))
+            loss = local_sum(loss)
+            return index + 1, total + loss, loss, local_sum(wrong) / global_batch
 
-    return train_step
+        zero = tf.constant(0.0)
+        # One step at a time: each step's collective and update must follow the last one's.
+        _, total, loss, error = tf.while_loop(lambda index, *_: index < steps, one_step,
+                                              (tf.constant(0), zero, zero, zero), parallel_iterations=1)
+        return total, loss, error
+
+    # A tensor, so that a chunk cut short at a progress line or an epoch end is no retrace.
+    return lambda chunk, steps: train_steps(chunk, tf.constant(steps, tf.int32))
 
 
 def make_statistics_sync(strategy, model) -> Callable[[], None]:
@@ -239,9 +252,22 @@ def make_evaluator(model, strategy=None, rank: int = 0, world_size: int = 1) -> 
     return evaluate
 
 
+def steps_per_call(first_step: int, last_step: int, eval_every: int, per_call: int) -> list[int]:
+    """How many steps each train-function call runs from `first_step` to `last_step`: at
+    most `per_call`, and a call always ends where a progress line is due."""
+    sizes, step = [], first_step
+    while step < last_step:
+        stop = min(step + per_call, last_step, (step // eval_every + 1) * eval_every)
+        sizes.append(stop - step)
+        step = stop
+    return sizes
+
+
 def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int,
                        epochs: int = 1) -> Iterator:
-    """The distributed batch of every step of `epochs` epochs from `epoch`.
+    """(chunk, steps) for each train-function call of `epochs` epochs from `epoch`: the
+    distributed batches of the next `steps` steps, stacked and padded to
+    `config.steps_per_execution` so that every call has the same shapes.
 
     Each local replica reads its slice of every global batch from its own plain tf.data
     iterator, and `experimental_distribute_values_from_function` hands the slices to the
@@ -249,21 +275,28 @@ def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, g
     MultiWorkerMirroredStrategy workers took 450 ms instead of 330 ms, even on batches
     fetched in advance: its live iterator alone slowed the step.
     """
+    import tensorflow as tf
+
     from mnist_dist.pipeline import train_dataset
 
     iterators: dict[int, Iterator] = {}
+    per_call = config.steps_per_execution
+    steps_per_epoch = len(data.train_y) // global_batch
 
-    def replica_slice(ctx):
+    def replica_chunk(ctx, steps):
         replica = ctx.replica_id_in_sync_group  # global: unique over all workers
         if replica not in iterators:
             iterators[replica] = iter(train_dataset(
                 data.train_x, data.train_y, seed=config.seed, epoch=epoch, global_batch=global_batch,
                 num_shards=ctx.num_replicas_in_sync, shard_ids=(replica,), augment=config.augment,
                 rotate_deg=config.rotate, zoom=config.zoom, epochs=epochs))
-        return next(iterators[replica])
+        batches = [next(iterators[replica]) for _ in range(steps)]
+        batches += batches[-1:] * (per_call - steps)  # never trained on
+        return tuple(tf.stack(part) for part in zip(*batches))
 
-    for _ in range(len(data.train_y) // global_batch * epochs):
-        yield strategy.experimental_distribute_values_from_function(replica_slice)
+    for e in range(epoch, epoch + epochs):
+        for steps in steps_per_call(e * steps_per_epoch, (e + 1) * steps_per_epoch, config.eval_every, per_call):
+            yield strategy.experimental_distribute_values_from_function(lambda ctx: replica_chunk(ctx, steps)), steps
 
 
 def best_epoch(history: list[dict[str, Any]]) -> int:
@@ -309,6 +342,11 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
     if steps_per_epoch == 0:
         raise ValueError(f"{len(data.train_y)} training images are fewer than one global batch of {global_batch}")
 
+    import keras
+
+    # --seed fixes the initial weights too (worker 0's, which the strategy copies to every
+    # replica) and the dropout masks: two runs of one configuration train alike.
+    keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch)
     # One replica has nothing to sum; rounding its gradients would only lose precision.
@@ -354,12 +392,13 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         interval_steps, step = 0, epoch * steps_per_epoch
         # Exactly steps_per_epoch batches per epoch, the same on every worker, so the loop
         # never needs the distributed iterator's cross-worker end-of-data check.
-        for _ in range(steps_per_epoch):
-            loss, error = train_step(next(batches))
-            losses.append(loss)
-            interval_steps += 1
+        for _ in steps_per_call(step, step + steps_per_epoch, config.eval_every, config.steps_per_execution):
+            chunk, steps = next(batches)
+            total, loss, error = train_step(chunk, steps)
+            losses.append(total)
+            interval_steps += steps
             # Counted here: reading optimizer.iterations back would wait on the device each step.
-            step += 1
+            step += steps
             if step % config.eval_every == 0:  # every worker: they score a slice each
                 elapsed = time.perf_counter() - interval_start
                 eval_start = time.perf_counter()
@@ -386,7 +425,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         lr = current_lr(optimizer)
         metrics = {
             "epoch": epoch + 1, "global_step": step, "val_accuracy": val_acc, "val_loss": val_loss,
-            "train_loss": float(worker_sum(np.array([sum(float(x) for x in losses)], np.float32))[0]) / len(losses),
+            "train_loss": float(worker_sum(np.array([sum(float(x) for x in losses)], np.float32))[0]) / steps_per_epoch,
             "learning_rate": lr,
             "epoch_train_seconds": epoch_train_seconds, "train_seconds": train_seconds,
             "images_per_second": steps_per_epoch * global_batch / epoch_train_seconds,

@@ -12,7 +12,7 @@ def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine: " in proc.stdout and "tensorflow" in proc.stdout and "vs plain fit" in proc.stdout
     figures = json.loads(out.read_text())
-    assert set(figures["setups"]) == {"plain keras fit", "project step, 1 process", "ray, 1 worker"}
+    assert set(figures["setups"]) == {"plain keras fit", "plain keras fit, steps_per_execution=10", "project step, 1 process", "ray, 1 worker"}
     assert figures["ratios_to_plain_fit"]["plain keras fit"] == 1.0
     assert all(s["img_s"] > 0 for s in figures["setups"].values())
     # Two rounds: each setup measured twice, the median reported.

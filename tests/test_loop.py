@@ -23,6 +23,8 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     np.testing.assert_allclose(out["double"], out["single"], rtol=1e-4, atol=1e-5)
     assert out["max_weight_diff"] < 1e-4
     assert out["double"][-1] < out["double"][0]
+    # Steps looped in one call (3, 3, then 2) are the steps called one at a time, exactly.
+    assert out["one_step_per_call_max_weight_diff"] == 0.0
     # Gradients summed in bfloat16: still one identical update on every replica, close to
     # the float32 run but not equal to it (so the bf16 path really ran).
     assert out["bf16_allreduce_identical"] is True
@@ -67,9 +69,12 @@ def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimiz
         keras.utils.set_random_seed(3)
         model, opt = build_model_and_optimizer(config, steps_per_epoch=2)  # the rate decays after step 2
         model.get_layer(index=6).rate = 0.0  # no dropout: every variant sees the same forward pass
-        step = (make_train_step(tf.distribute.get_strategy(), model, opt, global_batch=16, allreduce="none")
-                if variant == "fused" else keras_step(model, opt, with_penalty=variant == "keras"))
-        losses = [float(step(batch)[0]) for batch in batches]
+        if variant == "fused":
+            steps = make_train_step(tf.distribute.get_strategy(), model, opt, global_batch=16, allreduce="none")
+            losses = [float(steps((x[None], y[None]), 1)[1]) for x, y in batches]  # one-step chunks
+        else:
+            step = keras_step(model, opt, with_penalty=variant == "keras")
+            losses = [float(step(batch)[0]) for batch in batches]
         runs[variant] = losses, [w.numpy() for w in model.trainable_weights], int(opt.iterations.numpy())
     (fused_losses, fused_weights, fused_steps), (keras_losses, keras_weights, keras_steps) = runs["fused"], runs["keras"]
     assert fused_steps == keras_steps == 3
@@ -80,6 +85,16 @@ def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimiz
     dense_kernel = [w.shape for w in fused_weights].index((3136, 512))
     without = runs["keras without the penalty"][1][dense_kernel]
     assert np.abs(fused_weights[dense_kernel] - without).max() > 10 * np.abs(fused_weights[dense_kernel] - keras_weights[dense_kernel]).max()
+
+
+def test_calls_run_at_most_steps_per_execution_steps_and_end_at_every_progress_line():
+    from mnist_dist.loop import steps_per_call
+
+    assert steps_per_call(0, 25, eval_every=100, per_call=10) == [10, 10, 5]  # the epoch's end
+    assert steps_per_call(25, 50, eval_every=10, per_call=4) == [4, 1, 4, 4, 2, 4, 4, 2]  # lines at 30, 40
+    assert steps_per_call(0, 7, eval_every=100, per_call=1) == [1] * 7
+    assert steps_per_call(214, 428, eval_every=100, per_call=10)[:3] == [10, 10, 10]
+    assert sum(steps_per_call(214, 428, eval_every=100, per_call=10)) == 214
 
 
 def test_dense_gradients_are_gathered_only_where_that_sends_at_most_half_the_numbers():

@@ -1,7 +1,8 @@
 """`mnist-dist bench train`: training throughput side by side, same model, global batch
 and precision:
 
-  (a) plain single-process Keras `model.fit` (the baseline);
+  (a) plain single-process Keras `model.fit` (the baseline), and the same with Keras'
+      `steps_per_execution` set to the project's own default, for reference;
   (b) the project's `strategy.run` step in one process (the default strategy);
   (c) the project through Ray Train with each requested number of workers
       (MultiWorkerMirroredStrategy when more than one).
@@ -29,7 +30,7 @@ from mnist_dist.config import ConfigError, TrainConfig
 from mnist_dist.machine import usable_cores
 
 
-def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
+def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int, steps_per_execution: int = 1) -> dict[str, Any]:
     """(a), in this process: what a user gets from `compile` + `fit` with default settings."""
     import keras
 
@@ -41,7 +42,7 @@ def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int) -
     model = build(model_name, precision=precision)
     defaults = TrainConfig()  # the same optimizer as (b) and (c), at a constant rate
     model.compile(optimizer=make_optimizer(defaults, defaults.learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=steps_per_execution)
     epoch_seconds = []
 
     class Timer(keras.callbacks.Callback):
@@ -92,9 +93,9 @@ def _median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(results, key=lambda r: r["img_s"])[(len(results) - 1) // 2]
 
 
-def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
+def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, steps: int, *extra: int) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "mnist_dist.bench.train", setup, model, str(global_batch),
-                           precision, str(steps)], capture_output=True, text=True,
+                           precision, str(steps), *map(str, extra)], capture_output=True, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if proc.returncode:
         raise RuntimeError(f"bench setup {setup} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -113,7 +114,10 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
     reduced_in = TrainConfig(precision=precision, allreduce=allreduce).allreduce_dtype
     log(f"model {model}, global batch {global_batch}, precision {precision} (Ray workers all-reduce gradients in "
         f"{reduced_in}), {steps} steps per epoch, second of 2 epochs measured")
+    per_call = TrainConfig().steps_per_execution
     plan = [("plain keras fit", lambda: _in_subprocess("plain", model, global_batch, precision, steps)),
+            (f"plain keras fit, steps_per_execution={per_call}",
+             lambda: _in_subprocess("plain", model, global_batch, precision, steps, per_call)),
             ("project step, 1 process", lambda: _in_subprocess("step", model, global_batch, precision, steps))]
     plan += [(f"ray, {n} worker{'s' * (n > 1)}", lambda n=n: _ray(model, global_batch, precision, steps, n, allreduce)) for n in workers]
     # Round after round of every setup: a VM's speed drifts over minutes (here by up to 30%),
@@ -141,7 +145,8 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
 
 
 if __name__ == "__main__":
-    # One setup in a fresh process: `python -m mnist_dist.bench.train plain|step MODEL BATCH PRECISION STEPS`.
-    setup, model_name, batch, precision_name, steps_per_epoch = sys.argv[1:6]
+    # One setup in a fresh process:
+    # `python -m mnist_dist.bench.train plain|step MODEL BATCH PRECISION STEPS [STEPS_PER_EXECUTION]`.
+    setup, model_name, batch, precision_name, *numbers = sys.argv[1:]
     measure = {"plain": _plain_fit, "step": _project_step}[setup]
-    print(json.dumps(measure(model_name, int(batch), precision_name, int(steps_per_epoch))))
+    print(json.dumps(measure(model_name, int(batch), precision_name, *map(int, numbers))))

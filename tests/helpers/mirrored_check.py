@@ -24,19 +24,23 @@ def replicas_identical(model):
     return all(len({np.asarray(t).tobytes() for t in v.value.values}) == 1 for v in model.weights)
 
 
-def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32"):
-    config = TrainConfig(model=model_name, batch_size=per_replica_batch, workers=strategy.num_replicas_in_sync)
+def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32", per_call=3):
+    # 3 steps per call: the 8 steps end inside a chunk, and the last call runs only 2.
+    config = TrainConfig(model=model_name, batch_size=per_replica_batch, workers=strategy.num_replicas_in_sync,
+                         steps_per_execution=per_call)
     keras.utils.set_random_seed(7)
     with strategy.scope():
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch=32)
     step = make_train_step(strategy, model, optimizer, global_batch=64,
                            allreduce=allreduce if strategy.num_replicas_in_sync > 1 else "none")
-    losses = []
-    for batch in distributed_epochs(strategy, data, config, 0, 64):
-        loss, _ = step(batch)
-        losses.append(float(loss))
-        if len(losses) == STEPS:
+    losses, done = [], 0  # the last step's loss of each call
+    for chunk, steps in distributed_epochs(strategy, data, config, 0, 64):
+        steps = min(steps, STEPS - done)
+        losses.append(float(step(chunk, steps)[1]))
+        done += steps
+        if done == STEPS:
             break
+    assert int(optimizer.iterations.numpy()) == STEPS
     if model_name != "lenet5":
         # Batch norm: each replica's moving statistics follow its own half of the batch until
         # the epoch-end sync averages them.
@@ -52,9 +56,11 @@ mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collecti
 double, identical, w2, n2 = run(mirrored, 32)
 bn_before, bn_after = run(mirrored, 32, "cnn-bn")
 bf16_sum, bf16_identical, w3, _ = run(mirrored, 32, allreduce="bf16")
+_, _, w4, _ = run(mirrored, 32, per_call=1)
 print(json.dumps({"single": single, "double": double, "replicas": [n1, n2], "replicas_identical": identical,
                   "batch_norm_identical_before_sync": bn_before, "batch_norm_identical_after_sync": bn_after,
                   "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)),
+                  "one_step_per_call_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w2, w4)),
                   "bf16_allreduce": bf16_sum, "bf16_allreduce_identical": bf16_identical,
                   "bf16_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w3)),
                   "bf16_mean_weight_diff": float(np.mean([np.abs(a - b).mean() for a, b in zip(w1, w3)]))}))

@@ -429,6 +429,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
             "learning_rate": lr,
             "epoch_train_seconds": epoch_train_seconds, "train_seconds": train_seconds,
             "images_per_second": steps_per_epoch * global_batch / epoch_train_seconds,
+            "finished_at": time.time(),  # so that a resumed run's time line counts only its own epochs
         }
         if config.probe_test:
             metrics["test_probes"] = probes + [{"step": step, "train_seconds": train_seconds,

@@ -79,12 +79,23 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
     write(run_dir, RESULT_FILE, summary)
     log(f"best epoch {best['epoch']}: validation accuracy {100 * best['val_accuracy']:.2f}%, "
         f"test accuracy {100 * test['accuracy']:.2f}% (best of {last_metrics['epoch']} epochs, chosen on validation)")
-    train_seconds = last_metrics.get("train_seconds") or 0.0
-    log(f"time: {wall_seconds:.1f} s wall, of which {train_seconds:.1f} s training and {wall_seconds - train_seconds:.1f} s "
-        "start-up, evaluation, checkpoints and the test score")
+    log(time_line(history, wall_seconds))
     log(f"best checkpoint: {best_dir}")
     log(f"run directory: {run_dir} (result.json, best.json)")
     return summary
+
+
+def time_line(history: list[dict[str, Any]], wall_seconds: float) -> str:
+    """Where this command's wall time went. Epochs trained before a resume are not its time."""
+    started = time.time() - wall_seconds
+    here = [m for m in history if m.get("finished_at", started) >= started]
+    train_seconds = sum(m.get("epoch_train_seconds") or 0.0 for m in here)
+    line = (f"time: {wall_seconds:.1f} s wall, of which {train_seconds:.1f} s training and {wall_seconds - train_seconds:.1f} s "
+            "start-up, evaluation, checkpoints and the test score")
+    if len(here) < len(history):
+        before = len(history) - len(here)
+        line += f" ({'epoch 1 was' if before == 1 else f'epochs 1-{before} were'} trained before this command resumed the run)"
+    return line
 
 
 def require_run_dir(run_dir: str | Path) -> Path:

@@ -135,6 +135,22 @@ def test_resume_continues_step_epoch_and_learning_rate(tmp_path):
     assert lrs == pytest.approx([config.learning_rate * config.lr_decay ** e for e in (1, 2, 3)], rel=1e-5)
 
 
+def test_the_time_line_counts_only_the_epochs_this_command_trained():
+    import time
+
+    from mnist_dist.results import time_line
+
+    now = time.time()
+    history = [{"epoch": 1, "epoch_train_seconds": 9.0, "finished_at": now - 100},
+               {"epoch": 2, "epoch_train_seconds": 8.0, "finished_at": now - 5}]
+    line = time_line(history, wall_seconds=20.0)
+    assert "20.0 s wall, of which 8.0 s training and 12.0 s start-up" in line
+    assert "(epoch 1 was trained before this command resumed the run)" in line
+    # A finished run named again trains nothing: no negative start-up time.
+    assert "of which 0.0 s training and 3.0 s" in time_line(history, wall_seconds=3.0)
+    assert "before" not in time_line(history, wall_seconds=200.0)
+
+
 def test_half_written_checkpoint_is_never_taken(tmp_path):
     from mnist_dist import checkpoint as ckpt
 

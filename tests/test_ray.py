@@ -141,6 +141,7 @@ def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out and "epoch 1/3: validation accuracy" not in out
+    assert "trained before this command resumed the run" in out  # and not in its training time
     _assert_complete_and_continuous(tmp_path / "runs" / "resume")
     _assert_replicas_identical(tmp_path / "runs" / "resume", epochs=3)
     assert json.loads((tmp_path / "runs" / "resume" / "result.json").read_text())["config"]["allreduce"] == "bf16"

@@ -39,6 +39,12 @@ def test_bench_infer_measures_tensorflow_and_both_onnx_models(exported, tmp_path
         assert row["latency_us_p99"] >= row["latency_us_p50"] > 0 and row["b256_img_s_1t"] > 0
 
 
+def test_bench_train_refuses_epochs_longer_than_the_training_set():
+    # 400 x 256 images is more than MNIST has: the epoch would be cut short and img/s overstated.
+    proc = run_cli("bench", "train", "--steps", "400")
+    assert proc.returncode == 2 and "Fix: --steps between 1 and 230" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bench_infer_refuses_a_missing_export(tmp_path):
     proc = run_cli("bench", "infer", "--export", tmp_path)
     assert proc.returncode == 2 and "no report.json" in proc.stderr and "Traceback" not in proc.stderr

@@ -107,6 +107,11 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
         log: Callable[[str], None] = print) -> dict[str, Any]:
     if rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    # Every setup holds out 1,000 validation images of MNIST's 60,000; an epoch longer than
+    # what is left would be cut short, and its img/s overstated.
+    if not 1 <= steps * global_batch <= 59_000:
+        raise ConfigError(f"--steps {steps} x global batch {global_batch} = {steps * global_batch:,} images per epoch; "
+                          f"the benchmark trains on at most 59,000. Fix: --steps between 1 and {59_000 // global_batch}")
     for n in workers:
         if global_batch % n:
             raise ConfigError(f"global batch {global_batch} does not split over {n} workers; pick a multiple of {n}")

@@ -93,13 +93,49 @@ def hidden_modules(*names: str) -> Iterator[None]:
                 del sys.modules[name]
 
 
+# What TensorFlow's C++ logs at import whatever TF_CPP_MIN_LOG_LEVEL says: absl writes it
+# before its logging is configured, so only the file descriptor can hold it back.
+IMPORT_BANNER = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+                 "port.cc:153] oneDNN custom operations are on")
+
+
+@contextlib.contextmanager
+def without_import_banner() -> Iterator[None]:
+    """Holds back TensorFlow's import banner (two lines on every worker), and only that:
+    a thread passes every other line written to stderr meanwhile straight on, so an import
+    that fails still shows why."""
+    import threading
+
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    stderr = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pass_on():
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not any(banner in line.decode(errors="replace") for banner in IMPORT_BANNER):
+                    os.write(stderr, line)
+
+    passer = threading.Thread(target=pass_on, daemon=True)
+    passer.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(stderr, 2)  # the pipe's last write end closes: the thread reads to the end
+        passer.join(timeout=10)
+        os.close(stderr)
+
+
 def configure_process(cpus: int, use_gpu: bool) -> None:
     """Call before TensorFlow runs its first op."""
     os.environ.update(thread_env(cpus))
     # Ray's own TF backend sets this for tf_keras (ours does not); this project is Keras 3.
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with hidden_modules("matplotlib"):
+    with hidden_modules("matplotlib"), without_import_banner():
         import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(cpus)

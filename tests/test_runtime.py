@@ -1,5 +1,6 @@
 """The GPU and thread-pool branches, tested as logic on a CPU-only machine."""
 import json
+import os
 
 import pytest
 
@@ -120,3 +121,23 @@ def test_hidden_modules_raise_inside_and_import_normally_after():
     assert name not in sys.modules
     with pytest.raises(ModuleNotFoundError, match="No module named"):  # the normal error again
         __import__(name)
+
+
+def test_tensorflow_import_banner_is_held_back_and_nothing_else():
+    import subprocess
+    import sys
+
+    code = ("import os; from mnist_dist import runtime\n"
+            "with runtime.without_import_banner():\n"
+            "    os.write(2, b'a real warning\\n')\n"
+            "runtime.configure_process(1, use_gpu=False)\n"
+            "import tensorflow as tf; print(tf.constant(2).numpy())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr
+    assert "a real warning" in proc.stderr
+    for banner in runtime.IMPORT_BANNER:
+        assert banner not in proc.stderr
+    # Without the filter the same import prints them, so the check above can fail.
+    bare = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert runtime.IMPORT_BANNER[1] in bare.stderr

@@ -15,3 +15,5 @@ def test_bad_option_values_name_the_fix(tmp_path):
     assert proc.returncode == 2 and "unknown model 'resnet'" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("train", "--in-process", "--synthetic", "--epochs", "0", "--storage", tmp_path)
     assert proc.returncode == 2 and "--epochs must be >= 1" in proc.stderr
+    proc = run_cli("train", "--synthetic", "--steps-per-execution", "0", "--storage", tmp_path)
+    assert proc.returncode == 2 and "--steps-per-execution must be >= 1, got 0" in proc.stderr and "Traceback" not in proc.stderr

@@ -121,7 +121,7 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
 
     Returns `train_steps(chunk, steps)`: it runs the first `steps` of the batches stacked in
     `chunk` (a distributed (images, labels) of shape [K, local batch, ...], from
-    `distributed_epochs`) in one in-graph loop, and returns this worker's share of the
+    `distributed_chunks`) in one in-graph loop, and returns this worker's share of the
     summed loss, and of the last step's loss and error rate.
     """
     import keras
@@ -263,11 +263,11 @@ def steps_per_call(first_step: int, last_step: int, eval_every: int, per_call: i
     return sizes
 
 
-def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int,
-                       epochs: int = 1) -> Iterator:
-    """(chunk, steps) for each train-function call of `epochs` epochs from `epoch`: the
-    distributed batches of the next `steps` steps, stacked and padded to
-    `config.steps_per_execution` so that every call has the same shapes.
+def distributed_chunks(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int,
+                       epochs: int = 1) -> Callable[[int], Any]:
+    """`next_chunk(steps)`: the distributed batches of the next `steps` steps of `epochs`
+    epochs from `epoch`, stacked and padded to `config.steps_per_execution`, so that every
+    train-function call has the same shapes.
 
     Each local replica reads its slice of every global batch from its own plain tf.data
     iterator, and `experimental_distribute_values_from_function` hands the slices to the
@@ -281,9 +281,8 @@ def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, g
 
     iterators: dict[int, Iterator] = {}
     per_call = config.steps_per_execution
-    steps_per_epoch = len(data.train_y) // global_batch
 
-    def replica_chunk(ctx, steps):
+    def replica_chunk(ctx, steps: int):
         replica = ctx.replica_id_in_sync_group  # global: unique over all workers
         if replica not in iterators:
             iterators[replica] = iter(train_dataset(
@@ -294,9 +293,12 @@ def distributed_epochs(strategy, data: Mnist, config: TrainConfig, epoch: int, g
         batches += batches[-1:] * (per_call - steps)  # never trained on
         return tuple(tf.stack(part) for part in zip(*batches))
 
-    for e in range(epoch, epoch + epochs):
-        for steps in steps_per_call(e * steps_per_epoch, (e + 1) * steps_per_epoch, config.eval_every, per_call):
-            yield strategy.experimental_distribute_values_from_function(lambda ctx: replica_chunk(ctx, steps)), steps
+    def next_chunk(steps: int):
+        if not 1 <= steps <= per_call:
+            raise ValueError(f"a chunk holds 1 to {per_call} steps, not {steps}")
+        return strategy.experimental_distribute_values_from_function(lambda ctx: replica_chunk(ctx, steps))
+
+    return next_chunk
 
 
 def best_epoch(history: list[dict[str, Any]]) -> int:
@@ -383,7 +385,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
     # ~Iterator` waiting on a thread), so there is no per-epoch teardown, and the last one
     # is parked in `_FINISHED` rather than destroyed on the way out.
     remaining = config.epochs - start_epoch
-    batches = iter(distributed_epochs(strategy, data, config, start_epoch, global_batch, remaining) if remaining > 0 else ())
+    next_chunk = distributed_chunks(strategy, data, config, start_epoch, global_batch, remaining)
 
     for epoch in range(start_epoch, config.epochs):
         epoch_start = interval_start = time.perf_counter()
@@ -392,9 +394,8 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         interval_steps, step = 0, epoch * steps_per_epoch
         # Exactly steps_per_epoch batches per epoch, the same on every worker, so the loop
         # never needs the distributed iterator's cross-worker end-of-data check.
-        for _ in steps_per_call(step, step + steps_per_epoch, config.eval_every, config.steps_per_execution):
-            chunk, steps = next(batches)
-            total, loss, error = train_step(chunk, steps)
+        for steps in steps_per_call(step, step + steps_per_epoch, config.eval_every, config.steps_per_execution):
+            total, loss, error = train_step(next_chunk(steps), steps)
             losses.append(total)
             interval_steps += steps
             # Counted here: reading optimizer.iterations back would wait on the device each step.
@@ -453,5 +454,5 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                                        "data_source": data.source, "steps_per_epoch": steps_per_epoch})
             session.report(metrics, out, epoch + 1)
     summaries.close()
-    _FINISHED[:] = [batches]
+    _FINISHED[:] = [next_chunk]  # it holds the iterators
     return {**metrics, "history": history, "steps_per_epoch": steps_per_epoch}

@@ -23,8 +23,10 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     np.testing.assert_allclose(out["double"], out["single"], rtol=1e-4, atol=1e-5)
     assert out["max_weight_diff"] < 1e-4
     assert out["double"][-1] < out["double"][0]
+    assert len(out["double"]) == 8  # every step's loss
     # Steps looped in one call (3, 3, then 2) are the steps called one at a time, exactly.
-    assert out["one_step_per_call_max_weight_diff"] == 0.0
+    assert out["chunked"] == [out["double"][2], out["double"][5], out["double"][7]]
+    assert out["chunked_identical"] is True and out["chunked_max_weight_diff"] == 0.0
     # Gradients summed in bfloat16: still one identical update on every replica, close to
     # the float32 run but not equal to it (so the bf16 path really ran).
     assert out["bf16_allreduce_identical"] is True

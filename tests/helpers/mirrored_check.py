@@ -11,8 +11,8 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_dist.config import TrainConfig  # noqa: E402
 from mnist_dist.data import load  # noqa: E402
-from mnist_dist.loop import (build_model_and_optimizer, distributed_epochs, make_statistics_sync,  # noqa: E402
-                             make_train_step)
+from mnist_dist.loop import (build_model_and_optimizer, distributed_chunks, make_statistics_sync,  # noqa: E402
+                             make_train_step, steps_per_call)
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -24,8 +24,7 @@ def replicas_identical(model):
     return all(len({np.asarray(t).tobytes() for t in v.value.values}) == 1 for v in model.weights)
 
 
-def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32", per_call=3):
-    # 3 steps per call: the 8 steps end inside a chunk, and the last call runs only 2.
+def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32", per_call=1):
     config = TrainConfig(model=model_name, batch_size=per_replica_batch, workers=strategy.num_replicas_in_sync,
                          steps_per_execution=per_call)
     keras.utils.set_random_seed(7)
@@ -33,13 +32,10 @@ def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32", per_
         model, optimizer = build_model_and_optimizer(config, steps_per_epoch=32)
     step = make_train_step(strategy, model, optimizer, global_batch=64,
                            allreduce=allreduce if strategy.num_replicas_in_sync > 1 else "none")
-    losses, done = [], 0  # the last step's loss of each call
-    for chunk, steps in distributed_epochs(strategy, data, config, 0, 64):
-        steps = min(steps, STEPS - done)
-        losses.append(float(step(chunk, steps)[1]))
-        done += steps
-        if done == STEPS:
-            break
+    next_chunk = distributed_chunks(strategy, data, config, 0, 64)
+    losses = []  # the last step's loss of each call: every step's, at one step per call
+    for steps in steps_per_call(0, STEPS, eval_every=10**9, per_call=per_call):
+        losses.append(float(step(next_chunk(steps), steps)[1]))
     assert int(optimizer.iterations.numpy()) == STEPS
     if model_name != "lenet5":
         # Batch norm: each replica's moving statistics follow its own half of the batch until
@@ -56,11 +52,13 @@ mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collecti
 double, identical, w2, n2 = run(mirrored, 32)
 bn_before, bn_after = run(mirrored, 32, "cnn-bn")
 bf16_sum, bf16_identical, w3, _ = run(mirrored, 32, allreduce="bf16")
-_, _, w4, _ = run(mirrored, 32, per_call=1)
+# 3 steps per call: calls of 3, 3 and 2 steps, the last one cut short.
+chunked, chunked_identical, w4, _ = run(mirrored, 32, per_call=3)
 print(json.dumps({"single": single, "double": double, "replicas": [n1, n2], "replicas_identical": identical,
                   "batch_norm_identical_before_sync": bn_before, "batch_norm_identical_after_sync": bn_after,
                   "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)),
-                  "one_step_per_call_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w2, w4)),
+                  "chunked": chunked, "chunked_identical": chunked_identical,
+                  "chunked_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w2, w4)),
                   "bf16_allreduce": bf16_sum, "bf16_allreduce_identical": bf16_identical,
                   "bf16_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w3)),
                   "bf16_mean_weight_diff": float(np.mean([np.abs(a - b).mean() for a, b in zip(w1, w3)]))}))

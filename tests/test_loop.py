@@ -19,9 +19,23 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     assert out["replicas_identical"] is True
     assert out["batch_norm_identical_before_sync"] is False
     assert out["batch_norm_identical_after_sync"] is True
-    # Same global batch, loss averaged over it, gradients summed over replicas: the same run.
-    np.testing.assert_allclose(out["double"], out["single"], rtol=1e-4, atol=1e-5)
-    assert out["max_weight_diff"] < 1e-4
+    # Same global batch, loss averaged over it, gradients summed over replicas: the same run,
+    # up to the order in which float32 adds up 64 images' gradients (each sum within about
+    # 64 ulps, some 4e-6 of its size). Bounds that follow from that arithmetic, on any CPU:
+    # - SGD's update is linear in the gradient, so the weights differ by that rounding times
+    #   the learning rate, compounded over 8 steps: far below 1e-3 of how far the weights
+    #   moved (1e-6 measured on AVX2, AVX-512 and TensorFlow's own kernels). A sum missing a
+    #   replica's share, or counting one twice, is off by a large part of the movement.
+    assert out["sgd_replicas_identical"] is True
+    np.testing.assert_allclose(out["sgd_double"], out["sgd_single"], rtol=1e-5)
+    assert out["sgd_max_weight_diff"] <= 1e-3 * out["sgd_max_movement"]
+    # - Adam divides by the gradient's own size, so a weight whose gradient is within rounding
+    #   of zero can move by up to about lr (0.002) either way a step, on one CPU and not on
+    #   another (8.4e-4 apart on an AVX2-only EPYC): the bound is 2 x 8 x lr. Such weights
+    #   hardly touch the loss, and there are few of them: a wrong sum moves most weights.
+    np.testing.assert_allclose(out["double"], out["single"], rtol=1e-3)
+    assert out["max_weight_diff"] < 2 * 8 * 0.002
+    assert out["mean_weight_diff"] < 1e-5  # 2e-9 measured; a wrong sum: about lr
     assert out["double"][-1] < out["double"][0]
     assert len(out["double"]) == 8  # every step's loss
     # Steps looped in one call (3, 3, then 2) are the steps called one at a time, exactly.
@@ -31,9 +45,7 @@ def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     # the float32 run but not equal to it (so the bf16 path really ran).
     assert out["bf16_allreduce_identical"] is True
     np.testing.assert_allclose(out["bf16_allreduce"], out["single"], rtol=2e-2)
-    # Adam moves a weight by at most about lr (0.002) a step, whatever its gradient's size, so
-    # 8 steps of rounded gradients can put a weight with a near-zero gradient up to 2 x 8 x lr
-    # away; more would mean a wrong sum, not rounding.
+    # The same Adam bound as above; more would mean a wrong sum, not rounding.
     assert 1e-6 < out["bf16_max_weight_diff"] < 2 * 8 * 0.002
     # ... while the typical weight stays close: 1.7e-4 here; a sum missing a replica's share
     # moves most weights by about lr a step.
@@ -81,12 +93,20 @@ def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimiz
     (fused_losses, fused_weights, fused_steps), (keras_losses, keras_weights, keras_steps) = runs["fused"], runs["keras"]
     assert fused_steps == keras_steps == 3
     np.testing.assert_allclose(fused_losses, keras_losses, rtol=1e-5)
+    # The two graphs compute the same gradients up to float32 rounding, in different orders.
     for a, b in zip(fused_weights, keras_weights):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        if optimizer == "sgd":  # linear in the gradient: rounding stays rounding
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        else:  # Adam: a gradient within rounding of zero can move its weight ~lr either way a step
+            assert np.abs(a - b).max() <= 2 * 3 * config.learning_rate
+
+    def mean_diff(a, b):
+        return np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)]).mean()
+    assert mean_diff(fused_weights, keras_weights) < 1e-6  # Adam 1.4e-9, SGD 6e-13 on the AVX2 kernels
     # The penalty's gradient really counted: without it the dense kernel ends elsewhere.
     dense_kernel = [w.shape for w in fused_weights].index((3136, 512))
     without = runs["keras without the penalty"][1][dense_kernel]
-    assert np.abs(fused_weights[dense_kernel] - without).max() > 10 * np.abs(fused_weights[dense_kernel] - keras_weights[dense_kernel]).max()
+    assert mean_diff([fused_weights[dense_kernel]], [without]) > 100 * mean_diff([fused_weights[dense_kernel]], [keras_weights[dense_kernel]])
 
 
 def test_calls_run_at_most_steps_per_execution_steps_and_end_at_every_progress_line():

@@ -18,7 +18,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, EdgeError]
     for module, name in (("mnist_dist.data", "DataError"), ("mnist_dist.config", "ConfigError"),
                          ("mnist_dist.checkpoint", "CheckpointError"), ("mnist_dist.export", "ExportError"),
-                         ("mnist_dist.results", "RunError")):
+                         ("mnist_dist.results", "RunError"), ("mnist_dist.ownership", "OwnershipError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_dist import machine, onnx_graph
+from mnist_dist import machine, onnx_graph, ownership
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
 from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION, META_SESSION
@@ -43,21 +42,25 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, s
     return path, str(Path(run).resolve())
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a directory. Fix: choose another --out.")
-    report = out / REPORT_JSON
-    if report.is_file():
-        try:
-            verified = json.loads(report.read_text()).get("verified") is True
-        except json.JSONDecodeError:
-            verified = False
-        if verified and not force:
-            raise ExportError(f"{out}: holds a previous verified export. Fix: pass --force to replace it, or choose another --out.")
-    elif any(out.iterdir()) and not force:
-        raise ExportError(f"{out}: exists and holds other files. Fix: choose an empty or new --out, or pass --force.")
+def rejected_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".rejected")
+
+
+def check_output_dir(out: Path, force: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an --out that export could not replace without losing something.
+
+    Only a folder holding nothing but an earlier export's own files (`ownership`) is ever
+    replaced, and a verified one only with --force; the same holds for `<out>.rejected`.
+    """
+    fix = "choose another --out (an export never replaces a folder it did not write)"
+    ownership.check_replaceable(out, "export", protected, fix)
+    ownership.check_replaceable(rejected_dir(out), "export", protected, fix)
+    try:
+        verified = json.loads((out / REPORT_JSON).read_text()).get("verified") is True
+    except (OSError, ValueError, AttributeError):
+        verified = False
+    if verified and not force:
+        raise ExportError(f"{out}: holds a previous verified export. Fix: pass --force to replace it, or choose another --out.")
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, work: Path) -> None:
@@ -148,7 +151,8 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
                           f"{onnx_graph.MIN_OPSET}..{onnx_graph.MAX_OPSET}. Fix: pass --opset 17 (the default) or another in that range.")
     ckpt_dir, run_dir = resolve_checkpoint(run, checkpoint)
     out_dir = Path(out) if out else Path(run_dir or ckpt_dir.parent) / "export"
-    check_output_dir(out_dir, force)
+    protected = tuple(Path(p) for p in (run_dir, ckpt_dir) if p)  # what this command reads
+    check_output_dir(out_dir, force, protected)
     try:
         model, state = load_model(ckpt_dir)
     except CheckpointError as exc:
@@ -159,6 +163,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    ownership.mark(work, "export")
     try:
         started = time.perf_counter()
         proto = onnx_graph.fold_flatten_transpose(onnx_graph.convert(model, opset))
@@ -219,7 +224,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
         (work / REPORT_MD).write_text(report_markdown(report))
         for line in summary_lines(report):
             log(line)
-        publish(work, out_dir, report["verified"])
+        publish(work, out_dir, report["verified"], protected)
         if report["verified"]:
             log(f"verified export written to {out_dir}")
         else:
@@ -229,8 +234,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
             log(f"export REJECTED: nothing was published to {out_dir}; the rejected files are in {out_dir}.rejected")
         return report
     finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+        ownership.remove_staging(work)  # this process's own temporary folder; gone once published
 
 
 def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, max_int8_drop_pp: float) -> list[dict[str, Any]]:
@@ -249,17 +253,11 @@ def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, ma
     ]
 
 
-def publish(work: Path, out_dir: Path, verified: bool) -> None:
+def publish(work: Path, out_dir: Path, verified: bool, protected: tuple[Path, ...] = ()) -> None:
     """Rename the finished temporary directory into place; the old export is replaced only now."""
-    target = out_dir if verified else out_dir.with_name(out_dir.name + ".rejected")
     work.chmod(0o755)  # mkdtemp made it private; an export is meant to be copied and shared
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(backup)
-        work.rename(target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        work.rename(target)
+    ownership.replace(work, out_dir if verified else rejected_dir(out_dir), "export", protected,
+                      fix="choose another --out (an export never replaces a folder it did not write)")
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

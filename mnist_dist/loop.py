@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol
 import numpy as np
 
 from mnist_dist import checkpoint as ckpt
-from mnist_dist import gradients, machine
+from mnist_dist import gradients, machine, ownership
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import Mnist, load, synthetic
 from mnist_dist.summaries import Summaries
@@ -60,10 +62,21 @@ class DirectorySession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path, epoch: int) -> None:
         target = Path(self.run_dir) / f"checkpoint_epoch{epoch:03d}"
-        if target.exists():
-            import shutil
-            shutil.rmtree(target)
-        Path(checkpoint_dir).rename(target)
+        # Staged beside its destination, so the last step is a rename on one filesystem, even
+        # when the temporary directory is on another (tmpfs, or the run on NFS).
+        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.run_dir))
+        try:
+            for source in Path(checkpoint_dir).iterdir():
+                with open(source, "rb") as src, open(staged / source.name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            # An earlier, unusable checkpoint of this epoch (cut off mid-write) is replaced only
+            # when it is provably one of ours.
+            ownership.replace(staged, target, "checkpoint",
+                              fix=f"move {target} out of the run directory, then re-run the same command")
+        finally:
+            ownership.remove_staging(staged)
         self.reports.append({**metrics, "checkpoint": str(target)})
 
 
@@ -447,6 +460,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         with tempfile.TemporaryDirectory(prefix="mnist-ckpt-") as tmp:
             out = Path(tmp) / "checkpoint"
             out.mkdir()
+            ownership.mark(out, "checkpoint")
             # Every rank leaves its own digest: the run can prove the replicas stayed identical.
             (out / f"replica-{session.rank}.json").write_text(json.dumps({"rank": session.rank, "weights_sha256": weights_sha256(model)}))
             if is_chief:

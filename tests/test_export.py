@@ -111,6 +111,7 @@ def test_bad_input_gets_a_clear_error(case, small_run, tmp_path):
         args, expect = args + ["--opset", "21"], "opset 21 is not supported"
     else:
         (tmp_path / "out").mkdir()
+        export_mod.ownership.mark(tmp_path / "out", "export")  # an earlier export's own folder
         (tmp_path / "out" / "report.json").write_text(json.dumps({"verified": True}))
         expect = "previous verified export"
     proc = run_cli(*args)

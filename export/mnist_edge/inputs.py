@@ -1,6 +1,7 @@
 """Turn files into uint8 (28, 28) white-on-black digits, the way MNIST was made.
 
-- PNG/JPEG of any size: converted to grey. MNIST digits are white on black; an image
+- PNG/JPEG of any size: converted to grey, transparency composited onto a background
+  that contrasts with the ink (`flatten`). MNIST digits are white on black; an image
   whose border is mostly bright (mean of the outer 1-pixel frame > 127) is taken as
   black-on-white and inverted. The digit's bounding box is scaled to fit 20x20 and
   placed in a 28x28 frame centred on its centre of mass, as in the original MNIST.
@@ -79,10 +80,31 @@ def from_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            grey = np.asarray(image.convert("L"), dtype=np.float32)
+            grey = flatten(image)
+    except Image.DecompressionBombError as exc:
+        raise EdgeError(f"{path}: refused as a possible decompression bomb ({exc}). Fix: scale the image down; "
+                        "a digit needs no more than a few hundred pixels a side.") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise EdgeError(f"{path}: not a readable image ({exc}).") from None
     return to_mnist(grey)
+
+
+def flatten(image) -> np.ndarray:
+    """Grey pixels (float 0-255) of any PIL image; transparency is composited, not dropped.
+
+    A digit drawn on a transparent canvas usually keeps black (0, 0, 0, 0) in its see-through
+    pixels, so dropping alpha leaves dark ink on black. The background put behind it is the
+    opposite of the ink (white behind dark strokes, black behind light ones), and `to_mnist`
+    then turns it white-on-black as for any other image.
+    """
+    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+        return np.asarray(image.convert("L"), dtype=np.float32)
+    rgba = image.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+    grey = np.asarray(rgba.convert("L"), dtype=np.float32)
+    ink = grey[alpha > 0.5]
+    background = 255.0 if ink.size and ink.mean() < 128 else 0.0
+    return grey * alpha + background * (1.0 - alpha)
 
 
 def to_mnist(grey: np.ndarray) -> np.ndarray:

@@ -21,6 +21,16 @@ def run_cli(*args, env=None, timeout=600, cwd=None):
 
 
 @pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built the way `pip install .` and the image build it."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, str(ROOT)], check=True,
+                   capture_output=True, timeout=300)
+    (built,) = out.glob("mnist_dist-*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.fail(f"real MNIST not found at {MNIST_DIR}; set MNIST_DATA_DIR")

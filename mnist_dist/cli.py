@@ -18,7 +18,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, EdgeError]
     for module, name in (("mnist_dist.data", "DataError"), ("mnist_dist.config", "ConfigError"),
                          ("mnist_dist.checkpoint", "CheckpointError"), ("mnist_dist.export", "ExportError"),
-                         ("mnist_dist.results", "RunError"), ("mnist_dist.ownership", "OwnershipError")):
+                         ("mnist_dist.results", "RunError"), ("mnist_dist.ownership", "OwnershipError"),
+                         ("mnist_dist.loop", "TrainingDiverged")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -101,10 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_training(config, in_process: bool = False) -> dict:
-    from mnist_dist import data
-
-    if not config.synthetic:
-        data.verify_dir(config.data_dir)  # bad data fails here, before any worker starts
+    # Both check the data and settle its path before any worker starts (data.settle_dir).
     if in_process:
         from mnist_dist.local import train_in_process
         return train_in_process(config)
@@ -146,10 +144,23 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     """train, then export the best checkpoint: what `ray job submit` and the RayJob run."""
     from mnist_dist.export import export
 
+    from pathlib import Path
+
+    from mnist_dist.export import published
+
     config = config_from_args(args)
     result = run_training(config, in_process=args.in_process)
     out = args.export_dir or f"{result['run_dir']}/export"
-    report = export(run=result["run_dir"], out=out, **export_options(args))
+    # Run again (a retried Ray job, a re-applied RayJob), the pipeline finishes what is left.
+    previous = published(Path(out))
+    best = Path(result["best_checkpoint"]).name
+    if previous is not None and Path(previous["checkpoint"]).name == best:
+        print(f"verified export of {best} already in {out}: nothing to export")
+        return 0
+    options = export_options(args)
+    # An export of an earlier best checkpoint (the run has trained on since) is replaced.
+    options["force"] = options["force"] or previous is not None
+    report = export(run=result["run_dir"], out=out, **options)
     return 0 if report["verified"] else 1
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,11 @@ class TrainConfig:
         return "bf16" if self.precision == "bf16" and not self.gpus_per_worker else "fp32"
 
     def validate(self) -> "TrainConfig":
+        numbers = {"--lr": self.learning_rate, "--lr-decay": self.lr_decay, "--l2": self.l2, "--rotate": self.rotate,
+                   "--zoom": self.zoom, "momentum": self.momentum}
+        for flag, value in numbers.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
         checks = [
             (self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}"),
@@ -105,6 +111,16 @@ class TrainConfig:
             (self.steps_per_execution >= 1, f"--steps-per-execution must be >= 1, got {self.steps_per_execution}"),
             (self.keep_checkpoints >= 1, f"--keep must be >= 1, got {self.keep_checkpoints}"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (-1: unlimited), got {self.max_failures}"),
+            (self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.train_limit is None or self.train_limit >= self.global_batch_size,
+             f"--train-limit {self.train_limit} is fewer images than one global batch "
+             f"({self.workers} worker(s) x --batch-size {self.batch_size} = {self.global_batch_size}); "
+             "pass at least that many, or leave it out to train on every image"),
+            (self.name is None or (self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name),
+             f"--name {self.name!r} must be one folder name inside --storage (no '/', not '.' or '..')"),
+            (bool(self.storage), "--storage must not be empty"),
         ]
         for ok, message in checks:
             if not ok:

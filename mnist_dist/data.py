@@ -100,6 +100,40 @@ def resolve_dir(data_dir: str | os.PathLike | None = None, download: bool = True
     return directory
 
 
+def settle_dir(data_dir: str | os.PathLike | None) -> str | None:
+    """The data folder for a run's config, settled in the driver before any worker starts.
+
+    A given folder (--data-dir, else MNIST_DATA_DIR) is verified and made absolute: a Ray
+    worker's working directory is not the driver's. None means the download cache, which
+    is filled and verified here, and which each worker then finds on its own node
+    (`dir_on_this_node`): a cache path is the driver's node's, not another node's.
+    """
+    directory = resolve_dir(data_dir, download=True)
+    verify_dir(directory)  # bad data fails here, in seconds
+    given = data_dir or os.environ.get("MNIST_DATA_DIR")
+    return str(directory.resolve()) if given else None
+
+
+def dir_on_this_node(settled: str | None) -> Path:
+    """Where a worker reads MNIST: the driver's folder if this node has it too, else this
+    node's cache, downloaded and verified by SHA-256 here if it is missing."""
+    if settled and Path(settled).is_dir():
+        return Path(settled)
+    directory = cache_dir()
+    missing = [name for name in FILES.values() if _find_file(directory, name) is None]
+    if missing:
+        import fcntl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".download.lock", "w") as lock:  # one download per node, not one per worker
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            missing = [name for name in missing if _find_file(directory, name) is None]
+            if missing:
+                download_to(directory, missing)
+    verify_dir(directory)
+    return directory
+
+
 def download_to(directory: Path, names: list[str]) -> None:
     """Fetch the missing files from the first mirror that answers; verified afterwards by `load`."""
     from keras.utils import get_file  # the training side has Keras; the edge never downloads

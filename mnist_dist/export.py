@@ -42,6 +42,37 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, s
     return path, str(Path(run).resolve())
 
 
+def check_thresholds(tolerance: float, max_int8_drop_pp: float, calibration_images: int) -> None:
+    """Every threshold is checked before anything is loaded: a rule that cannot fail verifies nothing."""
+    import math
+
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ExportError(f"--tolerance must be a finite number >= 0, got {tolerance}. Fix: pass e.g. --tolerance 1e-4 (the default).")
+    if not (math.isfinite(max_int8_drop_pp) and 0 <= max_int8_drop_pp <= 100):
+        raise ExportError(f"--max-int8-drop must be a finite number of percentage points in [0, 100], got {max_int8_drop_pp}. "
+                          "Fix: pass e.g. --max-int8-drop 0.1 (the default).")
+    if calibration_images < 1:
+        raise ExportError(f"--calibration-images must be >= 1, got {calibration_images}. Fix: pass e.g. --calibration-images 1000 (the default).")
+
+
+def checkpoint_name(ckpt_dir: Path, run_dir: str | None) -> str:
+    """The checkpoint relative to its run (`checkpoint_epoch002`), or its absolute path outside one."""
+    if run_dir and ckpt_dir.resolve().parent == Path(run_dir).resolve():
+        return ckpt_dir.name
+    return str(ckpt_dir.resolve())
+
+
+def published(out: Path) -> dict[str, Any] | None:
+    """The report of the verified export that `out` holds, if it holds one made by export."""
+    if ownership.why_not_replaceable(out, "export") is not None or not (out / REPORT_JSON).is_file():
+        return None
+    try:
+        report = json.loads((out / REPORT_JSON).read_text())
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and report.get("verified") is True else None
+
+
 def rejected_dir(out: Path) -> Path:
     return out.with_name(out.name + ".rejected")
 
@@ -146,6 +177,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
     from mnist_dist.evaluate import predict_logits
     from mnist_dist.loop import load_data
 
+    check_thresholds(tolerance, max_int8_drop_pp, calibration_images)
     if not onnx_graph.MIN_OPSET <= opset <= onnx_graph.MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported: tf2onnx 1.17 is tested with opsets "
                           f"{onnx_graph.MIN_OPSET}..{onnx_graph.MAX_OPSET}. Fix: pass --opset 17 (the default) or another in that range.")
@@ -161,8 +193,12 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
     data = load_data(config)
     log(f"exporting {config.model} from {ckpt_dir} (epoch {state['epoch']}, validation accuracy {100 * state['val_accuracy']:.2f}%)")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise ExportError(f"{out_dir.parent}: cannot write the export there ({exc.strerror or exc}). "
+                          "Fix: choose a writable --out, or free space there.") from None
     ownership.mark(work, "export")
     try:
         started = time.perf_counter()
@@ -173,7 +209,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
             META_LABELS: json.dumps([str(i) for i in range(10)]),
             "mnist_dist.model": config.model,
             "mnist_dist.run": run_dir or "",
-            "mnist_dist.checkpoint": str(ckpt_dir.resolve()),
+            "mnist_dist.checkpoint": checkpoint_name(ckpt_dir, run_dir),
             "mnist_dist.opset": str(opset),
         }
         onnx_graph.set_metadata(proto, metadata)
@@ -209,7 +245,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
             "test_images": int(len(data.test_y)),
             "data_source": data.source,
             "model": config.model,
-            "checkpoint": str(ckpt_dir.resolve()),
+            "checkpoint": checkpoint_name(ckpt_dir, run_dir),  # relative to the run: a copied run stays whole
             "checkpoint_epoch": state["epoch"],
             "checkpoint_val_accuracy": state["val_accuracy"],
             "run": run_dir,
@@ -233,6 +269,9 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
                 log(f"FAILED rule {rule['rule']}: {rule['detail']}")
             log(f"export REJECTED: nothing was published to {out_dir}; the rejected files are in {out_dir}.rejected")
         return report
+    except OSError as exc:  # a full disk or a folder made read-only meanwhile: nothing was published
+        raise ExportError(f"{out_dir.parent}: writing the export failed ({exc.strerror or exc}); nothing was published. "
+                          "Fix: free space there, or choose another --out.") from None
     finally:
         ownership.remove_staging(work)  # this process's own temporary folder; gone once published
 

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from mnist_dist import results
+from mnist_dist import results, rundir
+from mnist_dist.rundir import run_dir, storage_path
 from mnist_dist.config import TrainConfig
 
 # Test hook: when set, each worker writes `rank<R>.pid` there so a test can kill a real worker.
@@ -55,6 +56,9 @@ def worker_main(config_dict: dict[str, Any]) -> None:
     from mnist_dist import runtime
 
     config = TrainConfig.from_dict(config_dict)
+    if not config.synthetic:
+        from mnist_dist.data import dir_on_this_node
+        config = config.replace(data_dir=str(dir_on_this_node(config.data_dir)))
     session = RaySession(run_dir(config))
     pinned = pin_worker(config, session)  # before TensorFlow starts its thread pools
     runtime.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
@@ -83,22 +87,14 @@ def pin_worker(config: TrainConfig, session: RaySession) -> set[int] | None:
     return cores
 
 
-def storage_path(storage: str) -> str:
-    """Ray wants an absolute local path or a URI (s3://, gs://, NFS mount path)."""
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
-def run_dir(config: TrainConfig) -> str:
-    return f"{storage_path(config.storage).rstrip('/')}/{config.name}"
-
-
 def init_ray(config: TrainConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: v for k, v in os.environ.items() if k in ("MNIST_DATA_DIR", "MNIST_DIST_CACHE", PID_DIR_ENV)}
+    # Not MNIST_DATA_DIR: the driver settles it into the config as an absolute path (data.settle_dir).
+    env_vars = {k: v for k, v in os.environ.items() if k in ("MNIST_DIST_CACHE", PID_DIR_ENV)}
     runtime_env = {"env_vars": {**env_vars, "TF_CPP_MIN_LOG_LEVEL": "2"}}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside `ray job submit` / a RayJob: the job's runtime_env already applies, and Ray
@@ -179,15 +175,15 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
     """Train on Ray; returns the content of result.json."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    from ray.train import WorkerGroupError
 
     from mnist_dist.ray_backend import TfConfig
 
-    # Absolute, so that workers (whose working directory differs) find the same run directory.
-    config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S"),
-                            storage=storage_path(config.storage)).validate()
-    if config.data_dir is None and not config.synthetic and not os.environ.get("MNIST_DATA_DIR"):
-        from mnist_dist.data import resolve_dir
-        config = config.replace(data_dir=str(resolve_dir(None)))  # download once, in the driver
+    # Named, with absolute paths (workers' working directories differ), checked against the
+    # run's config.json: all before Ray starts.
+    config = rundir.settle(config)
+    if (finished := rundir.claim(config)) is not None:
+        return rundir.already_finished(finished, log)
     started = time.perf_counter()
     init_ray(config)
     trainer = DataParallelTrainer(
@@ -204,7 +200,15 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except WorkerGroupError as exc:
+        # A diverged run is not a crash: one line, not every worker's traceback.
+        for failure in exc.worker_failures.values():
+            line = next((ln for ln in str(failure).splitlines() if "training diverged:" in ln), None)
+            if line:
+                raise results.RunError(line[line.index("training diverged:"):]) from None
+        raise
     wall_seconds = time.perf_counter() - started
     if not result.best_checkpoints:
         raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run_dir(config)})")

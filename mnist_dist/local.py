@@ -8,13 +8,14 @@ from mnist_dist.config import TrainConfig
 
 
 def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
-    from mnist_dist import results, runtime
-    from mnist_dist.launcher import run_dir as run_dir_of
+    from mnist_dist import results, rundir, runtime
     from mnist_dist.loop import DirectorySession, best_epoch, train
 
-    config = config.replace(workers=1, name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S")).validate()
+    config = rundir.settle(config.replace(workers=1))
+    if (finished := rundir.claim(config)) is not None:
+        return rundir.already_finished(finished, log)
     runtime.configure_process(config.cpus_per_worker, use_gpu=False)
-    run_dir = run_dir_of(config)
+    run_dir = rundir.run_dir(config)
     session = DirectorySession(run_dir)
     started = time.perf_counter()
     final = train(config, session, log=log)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -81,6 +82,19 @@ class DirectorySession:
 
 
 _FINISHED: list = []  # the last run's input iterator; see train()
+
+
+class TrainingDiverged(Exception):
+    """The loss stopped being a number; the run stops before it saves another checkpoint."""
+
+
+def check_finite(loss: float, step: int, config: TrainConfig, last_epoch: int) -> None:
+    if math.isfinite(loss):
+        return
+    kept = (f"the last good checkpoint, checkpoint_epoch{last_epoch:03d}, is kept (mnist-dist export --checkpoint RUN/"
+            f"checkpoint_epoch{last_epoch:03d})") if last_epoch else "no epoch finished, so no checkpoint was saved"
+    raise TrainingDiverged(f"training diverged: the loss is {loss} at step {step} with --lr {config.learning_rate:g}; {kept}. "
+                           "Fix: a lower --lr, under a new --name.")
 
 
 def load_data(config: TrainConfig) -> Mnist:
@@ -417,6 +431,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
                 elapsed = time.perf_counter() - interval_start
                 eval_start = time.perf_counter()
                 loss, error = worker_sum(np.array([float(loss), float(error)], np.float32))
+                check_finite(float(loss), step, config, epoch)
                 _, val_acc = evaluate(data.val_x, data.val_y)
                 if config.probe_test:
                     probes.append({"step": step, "train_seconds": train_seconds + eval_start - epoch_start - eval_seconds,
@@ -445,6 +460,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
             "images_per_second": steps_per_epoch * global_batch / epoch_train_seconds,
             "finished_at": time.time(),  # so that a resumed run's time line counts only its own epochs
         }
+        check_finite(metrics["train_loss"] + val_loss, step, config, epoch)
         if config.probe_test:
             metrics["test_probes"] = probes + [{"step": step, "train_seconds": train_seconds,
                                                 "test_accuracy": evaluate(data.test_x, data.test_y)[1]}]

@@ -55,8 +55,9 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
         wall_seconds += time.perf_counter() - evaluation_started  # the test score is part of the run
     else:
         state = load_state(eval_dir or best_dir)
-    best = {"checkpoint": best_dir, "epoch": best_metrics["epoch"], "val_accuracy": best_metrics["val_accuracy"],
-            "global_step": best_metrics["global_step"]}
+    # Relative to the run directory: a run copied, moved or synced from a bucket stays whole.
+    best = {"checkpoint": best_dir.rstrip("/").rsplit("/", 1)[-1], "epoch": best_metrics["epoch"],
+            "val_accuracy": best_metrics["val_accuracy"], "global_step": best_metrics["global_step"]}
     summary = {
         "run_dir": run_dir,
         "best_checkpoint": best_dir,
@@ -118,7 +119,6 @@ def best_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         best = json.loads(pointer.read_text())
     except json.JSONDecodeError as exc:
         raise RunError(f"{pointer}: not valid JSON ({exc}).") from None
-    path = Path(best["checkpoint"])
-    if not path.is_absolute():
-        path = run_dir / path
-    return path, best
+    # Always this run's own folder: best.json of older runs held absolute paths, which in a
+    # copy point back at the original.
+    return run_dir / Path(best["checkpoint"]).name, best

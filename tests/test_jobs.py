@@ -88,6 +88,6 @@ def test_submitted_pipeline_trains_exports_and_succeeds(cluster, tmp_path, mnist
     assert status == JobStatus.SUCCEEDED, logs.stdout[-4000:]
     run_dir = tmp_path / "runs" / "job"
     best = json.loads((run_dir / "best.json").read_text())
-    assert (Path(best["checkpoint"]) / "state.json").is_file()
+    assert (run_dir / best["checkpoint"] / "state.json").is_file()
     assert json.loads((run_dir / "export" / "report.json").read_text())["verified"] is True
     assert "verified export written to" in logs.stdout

@@ -24,9 +24,6 @@ def run_copy(small_run, tmp_path):
     """A private copy of the small trained run, under its own storage folder."""
     storage = tmp_path / "storage"
     shutil.copytree(small_run, storage / "small", symlinks=True)
-    best = json.loads((storage / "small" / "best.json").read_text())
-    best["checkpoint"] = str(storage / "small" / Path(best["checkpoint"]).name)  # absolute paths: this copy's own
-    (storage / "small" / "best.json").write_text(json.dumps(best))
     return storage / "small"
 
 

@@ -23,9 +23,10 @@ def test_two_worker_run_writes_result_and_best_pointer(ray_run):
     assert result["epochs_completed"] == 2 and result["global_step"] == 2 * (4096 // 64)
     assert result["test_accuracy"] > 0.8
     best = json.loads((run_dir / "best.json").read_text())
-    assert best["checkpoint"] == result["best_checkpoint"] and Path(best["checkpoint"]).is_dir()
+    # best.json is relative to the run directory, so a copied run stays whole.
+    assert run_dir / best["checkpoint"] == Path(result["best_checkpoint"]) and (run_dir / best["checkpoint"]).is_dir()
     assert best["val_accuracy"] == max(h["val_accuracy"] for h in result["history"])
-    assert "test accuracy" in ray_run["stdout"] and best["checkpoint"] in ray_run["stdout"]
+    assert "test accuracy" in ray_run["stdout"] and result["best_checkpoint"] in ray_run["stdout"]
 
 
 def _assert_replicas_identical(run_dir, epochs):

@@ -1,0 +1,99 @@
+"""A run directory across commands: what a re-run of the same --name may do.
+
+The first command that trains a run writes its `config.json`. A later one with the same
+--name continues the run only if it trains the same thing: it may change how long and how
+(more epochs, other CPUs, another cluster), not what (the model, the batch, the rates, the
+data). A finished run named again trains nothing and starts no worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.config import TrainConfig
+from mnist_dist.results import RESULT_FILE, RunError, write
+
+CONFIG_FILE = "config.json"
+# What a re-run may change without changing what the run trains.
+MAY_CHANGE = frozenset({"epochs", "eval_every", "steps_per_execution", "probe_test", "data_dir", "cpus_per_worker",
+                        "gpus_per_worker", "pin_cpus", "address", "dashboard", "storage", "name", "max_failures",
+                        "keep_checkpoints"})
+
+
+def storage_path(storage: str) -> str:
+    """Ray wants an absolute local path or a URI (s3://, gs://, NFS mount path)."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def run_dir(config: TrainConfig) -> str:
+    return f"{storage_path(config.storage).rstrip('/')}/{config.name}"
+
+
+def read_json(run_dir: str, name: str) -> dict[str, Any] | None:
+    """A JSON file of the run directory (a local path or a URI), or None when it is absent."""
+    try:
+        if "://" not in run_dir:
+            return json.loads((Path(run_dir) / name).read_text())
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(f"{run_dir}/{name}")
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as exc:
+        raise RunError(f"{run_dir}/{name}: not valid JSON ({exc}). Fix: pass a new --name, or restore the file.") from None
+
+
+def settle(config: TrainConfig) -> TrainConfig:
+    """The config with its run named and its paths absolute, settled in the driver."""
+    config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S"),
+                            storage=storage_path(config.storage)).validate()
+    if not config.synthetic:
+        from mnist_dist.data import settle_dir
+        config = config.replace(data_dir=settle_dir(config.data_dir))  # bad data fails here, in seconds
+    return config
+
+
+def differences(saved: TrainConfig, asked: TrainConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in MAY_CHANGE and getattr(saved, f.name) != getattr(asked, f.name)]
+
+
+def claim(config: TrainConfig) -> dict[str, Any] | None:
+    """Check that `config` may train its run; returns result.json when the run already has
+    every epoch asked for (nothing to train), else None, with config.json (re)written."""
+    directory = run_dir(config)
+    saved = read_json(directory, CONFIG_FILE)
+    if saved is None:  # a run from before config.json: its result.json knows the config
+        saved = (read_json(directory, RESULT_FILE) or {}).get("config")
+    if saved is not None:
+        saved_config = TrainConfig.known(saved)
+        changed = differences(saved_config, config)
+        if changed:
+            theirs = ", ".join(f"{name}={getattr(saved_config, name)!r}" for name in changed)
+            ours = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+            raise RunError(f"{directory}: this run was trained with {theirs}; this command asks for {ours}, which cannot "
+                           "continue it. Fix: pass a new --name for a new run, or the run's own settings to continue it "
+                           "(only epochs, workers' CPUs and GPUs, cluster and checkpoint settings may change).")
+    result = read_json(directory, RESULT_FILE)
+    if result is not None and result.get("epochs_completed", 0) >= config.epochs:
+        return result
+    try:
+        if "://" not in directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        write(directory, CONFIG_FILE, config.to_dict())
+    except OSError as exc:
+        raise RunError(f"{directory}: cannot write the run directory ({exc.strerror or exc}). "
+                       "Fix: point --storage at a writable folder (or a URI) and --name at a new or earlier run.") from None
+    return None
+
+
+def already_finished(result: dict[str, Any], log=print) -> dict[str, Any]:
+    log(f"run {result['run_dir']} already has {result['epochs_completed']} epochs: nothing to train "
+        f"(best epoch {result['best_epoch']}, validation accuracy {100 * result['best_val_accuracy']:.2f}%, "
+        f"test accuracy {100 * result['test_accuracy']:.2f}%). Pass --epochs N above {result['epochs_completed']} to train on.")
+    return result

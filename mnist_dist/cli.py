@@ -142,13 +142,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """train, then export the best checkpoint: what `ray job submit` and the RayJob run."""
-    from mnist_dist.export import export
+    from mnist_dist import rundir
 
+    config = rundir.settle(config_from_args(args))
+    with rundir.locked(rundir.run_dir(config), "pipeline"):  # one writer from training to the export
+        return pipeline(args, config)
+
+
+def pipeline(args: argparse.Namespace, config) -> int:
     from pathlib import Path
 
-    from mnist_dist.export import published
+    from mnist_dist.export import export, published
 
-    config = config_from_args(args)
     result = run_training(config, in_process=args.in_process)
     out = args.export_dir or f"{result['run_dir']}/export"
     # Run again (a retried Ray job, a re-applied RayJob), the pipeline finishes what is left.

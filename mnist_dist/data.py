@@ -100,6 +100,9 @@ def resolve_dir(data_dir: str | os.PathLike | None = None, download: bool = True
     return directory
 
 
+_VERIFIED: set[str] = set()
+
+
 def settle_dir(data_dir: str | os.PathLike | None) -> str | None:
     """The data folder for a run's config, settled in the driver before any worker starts.
 
@@ -108,10 +111,12 @@ def settle_dir(data_dir: str | os.PathLike | None) -> str | None:
     is filled and verified here, and which each worker then finds on its own node
     (`dir_on_this_node`): a cache path is the driver's node's, not another node's.
     """
-    directory = resolve_dir(data_dir, download=True)
-    verify_dir(directory)  # bad data fails here, in seconds
+    directory = resolve_dir(data_dir, download=True).resolve()
+    if str(directory) not in _VERIFIED:  # the pipeline settles its config once, its training again
+        verify_dir(directory)  # bad data fails here, in seconds
+        _VERIFIED.add(str(directory))
     given = data_dir or os.environ.get("MNIST_DATA_DIR")
-    return str(directory.resolve()) if given else None
+    return str(directory) if given else None
 
 
 def dir_on_this_node(settled: str | None) -> Path:

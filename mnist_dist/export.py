@@ -172,6 +172,19 @@ def ort_logits(path: Path, images: np.ndarray, batch: int = 1000, log=print) -> 
 def export(run: str | None = None, checkpoint: str | None = None, out: str | None = None, opset: int = 17,
            tolerance: float = 1e-4, max_int8_drop_pp: float = 0.1, force: bool = False,
            calibration_images: int = 1000, log=print) -> dict[str, Any]:
+    """Export a run's best checkpoint (or `checkpoint`), holding the run's lock throughout."""
+    from mnist_dist import rundir
+
+    options = dict(opset=opset, tolerance=tolerance, max_int8_drop_pp=max_int8_drop_pp, force=force,
+                   calibration_images=calibration_images, log=log)
+    if run is None:
+        return _export(run, checkpoint, out, **options)
+    with rundir.locked(str(Path(run).resolve()), "export", create=False):
+        return _export(run, checkpoint, out, **options)
+
+
+def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int, tolerance: float,
+            max_int8_drop_pp: float, force: bool, calibration_images: int, log) -> dict[str, Any]:
     from mnist_dist.config import TrainConfig
     from mnist_dist.data import normalize
     from mnist_dist.evaluate import predict_logits

@@ -173,17 +173,21 @@ def scaling_config(config: TrainConfig):
 
 def train(config: TrainConfig, log=print) -> dict[str, Any]:
     """Train on Ray; returns the content of result.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    # Named, with absolute paths (workers' working directories differ), locked, and checked
+    # against the run's config.json: all before Ray starts.
+    config = rundir.settle(config)
+    with rundir.locked(run_dir(config), "train"):
+        if (finished := rundir.claim(config)) is not None:
+            return rundir.already_finished(finished, log)
+        return _fit(config, log)
+
+
+def _fit(config: TrainConfig, log) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, WorkerGroupError
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-    from ray.train import WorkerGroupError
 
     from mnist_dist.ray_backend import TfConfig
 
-    # Named, with absolute paths (workers' working directories differ), checked against the
-    # run's config.json: all before Ray starts.
-    config = rundir.settle(config)
-    if (finished := rundir.claim(config)) is not None:
-        return rundir.already_finished(finished, log)
     started = time.perf_counter()
     init_ray(config)
     trainer = DataParallelTrainer(

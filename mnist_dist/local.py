@@ -8,12 +8,19 @@ from mnist_dist.config import TrainConfig
 
 
 def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
+    from mnist_dist import rundir
+
+    config = rundir.settle(config.replace(workers=1))
+    with rundir.locked(rundir.run_dir(config), "train --in-process"):
+        if (finished := rundir.claim(config)) is not None:
+            return rundir.already_finished(finished, log)
+        return _train(config, log)
+
+
+def _train(config: TrainConfig, log) -> dict[str, Any]:
     from mnist_dist import results, rundir, runtime
     from mnist_dist.loop import DirectorySession, best_epoch, train
 
-    config = rundir.settle(config.replace(workers=1))
-    if (finished := rundir.claim(config)) is not None:
-        return rundir.already_finished(finished, log)
     runtime.configure_process(config.cpus_per_worker, use_gpu=False)
     run_dir = rundir.run_dir(config)
     session = DirectorySession(run_dir)

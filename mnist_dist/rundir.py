@@ -7,11 +7,12 @@ data). A finished run named again trains nothing and starts no worker.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.results import RESULT_FILE, RunError, write
@@ -97,3 +98,50 @@ def already_finished(result: dict[str, Any], log=print) -> dict[str, Any]:
         f"(best epoch {result['best_epoch']}, validation accuracy {100 * result['best_val_accuracy']:.2f}%, "
         f"test accuracy {100 * result['test_accuracy']:.2f}%). Pass --epochs N above {result['epochs_completed']} to train on.")
     return result
+
+
+LOCK_FILE = ".lock"
+_held: dict[str, Any] = {}  # run directory -> open lock file, for the process that holds it
+
+
+@contextlib.contextmanager
+def locked(directory: str, command: str, create: bool = True) -> Iterator[None]:
+    """One writer per run: an exclusive OS lock on RUN/.lock for as long as the command runs.
+
+    The kernel drops the lock when its process dies, however it dies, so a lock left by a
+    killed command is simply taken by the next one (a retried Ray job included). The file
+    names the holder for the one-line refusal a second writer gets. A process that already
+    holds the lock (the pipeline's export after its training) takes it again for free.
+    Object-store URIs have no OS lock; they are not locked yet.
+    """
+    if "://" in directory or directory in _held or not (create or Path(directory).is_dir()):
+        yield  # (a missing run is for the command itself to report)
+        return
+    import fcntl
+    import os
+    import socket
+
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(directory) / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise RunError(f"{directory}: cannot write the run directory ({exc.strerror or exc}). "
+                       "Fix: point --storage at a writable folder (or a URI) and --name at a new or earlier run.") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunError(f"{directory}: in use by {holder}. Fix: wait for that command to finish, or pass another --name.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"`mnist-dist {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')})\n")
+    handle.flush()
+    _held[directory] = handle
+    try:
+        yield
+    finally:
+        del _held[directory]
+        handle.close()  # releases the lock; the file stays, naming the last holder

@@ -16,7 +16,8 @@ from mnist_dist import results, rundir
 from mnist_dist.rundir import run_dir, storage_path
 from mnist_dist.config import TrainConfig
 
-# Test hook: when set, each worker writes `rank<R>.pid` there so a test can kill a real worker.
+# Test hook: when set, each worker writes `rank<R>.pid` and `rank<R>.node` (its Ray node ID) there,
+# so a test can kill a real worker, or its whole node, and see where each rank ran.
 PID_DIR_ENV = "MNIST_DIST_PID_DIR"
 
 
@@ -63,7 +64,10 @@ def worker_main(config_dict: dict[str, Any]) -> None:
     pinned = pin_worker(config, session)  # before TensorFlow starts its thread pools
     runtime.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
     if os.environ.get(PID_DIR_ENV):
+        import ray
+
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
+        Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.node").write_text(ray.get_runtime_context().get_node_id())
     runtime.quiet_worker_logs()
     if pinned and session.rank == 0:
         runtime.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
@@ -115,7 +119,10 @@ def init_ray(config: TrainConfig) -> None:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         if not config.dashboard:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_placement_group_cleaner"
-        ray.init(**local_ray_options(config), runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
+        # address="local": always a Ray of its own. Without it, ray.init() joins any cluster a
+        # `ray start` left running on this machine (and then refuses num_cpus).
+        ray.init(address="local", **local_ray_options(config), runtime_env=runtime_env, log_to_driver=True,
+                 logging_level="WARNING")
 
 
 def stop_ray() -> None:

@@ -11,7 +11,14 @@ MNIST_DIR = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data
 # Every test (and every subprocess it starts) reads the real MNIST from here.
 os.environ["MNIST_DATA_DIR"] = str(MNIST_DIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token authentication on, for every Ray the tests start or join (the embedded local
+# Ray, `ray start` clusters, the multi-node cluster) and every client of theirs: one token
+# for the session, as a user's ~/.ray/auth_token would be.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if os.environ["RAY_AUTH_MODE"] == "token":
+    import secrets
+
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def run_cli(*args, env=None, timeout=600, cwd=None):

@@ -48,9 +48,13 @@ def cluster(tmp_path):
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray puts Unix sockets in it
     # As a user would: with the project's environment active, so `python` in the job is that one.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # With token authentication, as conftest sets it: the cluster and the job CLI share the token.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                            # Its own agent port: the default 52365 may be another Ray's on this machine,
+                            # and then the job agent never starts ("No available agent").
+                            f"--dashboard-agent-listen-port={free_port()}",
                             "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
@@ -91,3 +95,14 @@ def test_submitted_pipeline_trains_exports_and_succeeds(cluster, tmp_path, mnist
     assert (run_dir / best["checkpoint"] / "state.json").is_file()
     assert json.loads((run_dir / "export" / "report.json").read_text())["verified"] is True
     assert "verified export written to" in logs.stdout
+
+
+def test_the_embedded_ray_starts_its_own_beside_a_running_cluster(cluster, tmp_path):
+    """`ray.init()` without an address joins a cluster that `ray start` left running on the
+    machine; the embedded local Ray must start its own (it passes address="local")."""
+    from conftest import run_cli
+
+    proc = run_cli("train", "--preset", "smoke", "--epochs", "1", "--workers", "1", "--synthetic",
+                   "--storage", tmp_path, "--name", "beside")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "beside" / "result.json").read_text())["epochs_completed"] == 1

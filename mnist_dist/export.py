@@ -62,6 +62,19 @@ def checkpoint_name(ckpt_dir: Path, run_dir: str | None) -> str:
     return str(ckpt_dir.resolve())
 
 
+def report_checkpoint(report: dict[str, Any], export_dir: Path) -> Path:
+    """The checkpoint an export was made from. A name relative to its run is looked up in
+    the run around the export (RUN/export) first, then where the run was when exported."""
+    named = Path(report["checkpoint"])
+    if named.is_absolute():
+        return named
+    for run in (export_dir.resolve().parent, Path(report.get("run") or ".")):
+        if (run / named).is_dir():
+            return run / named
+    raise ExportError(f"{export_dir}: its checkpoint {named} is neither in {export_dir.resolve().parent} nor in "
+                      f"{report.get('run')}. Fix: pass the run's export, RUN/export, or --run RUN.")
+
+
 def published(out: Path) -> dict[str, Any] | None:
     """The report of the verified export that `out` holds, if it holds one made by export."""
     if ownership.why_not_replaceable(out, "export") is not None or not (out / REPORT_JSON).is_file():

@@ -108,3 +108,24 @@ def test_directory_that_does_not_exist(tmp_path):
     proc = run_cli("data", "verify", "--data-dir", tmp_path / "nope")
     assert proc.returncode == 2
     assert "directory does not exist" in proc.stderr and str(tmp_path / "nope") in proc.stderr and "Fix:" in proc.stderr
+
+
+def test_a_worker_whose_node_lacks_the_driver_folder_reads_its_own_verified_cache(tmp_path, mnist_dir, monkeypatch):
+    """data.dir_on_this_node: the driver's folder where this node has it, else this node's
+    cache (downloaded there when missing: no mirror is reachable here, so it is filled by hand)."""
+    import shutil
+
+    from mnist_dist import data
+
+    cache = tmp_path / "cache"
+    (cache / "mnist").mkdir(parents=True)
+    for name in data.FILES.values():
+        shutil.copy(mnist_dir / f"{name}.gz", cache / "mnist")
+    monkeypatch.setenv("MNIST_DIST_CACHE", str(cache))
+    assert data.dir_on_this_node(str(mnist_dir)) == mnist_dir
+    assert data.dir_on_this_node(str(tmp_path / "only-on-the-driver's-node")) == cache / "mnist"
+    assert data.dir_on_this_node(None) == cache / "mnist"
+    labels = cache / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x02\x01\x02"))  # a valid IDX, but not MNIST's
+    with pytest.raises(data.DataError, match="10000 images but .* has 2 labels"):
+        data.dir_on_this_node(None)  # checked on the node, before a worker trains on it

@@ -66,7 +66,11 @@ def read_bytes(path: str | Path) -> bytes:
             # The real size, before a byte is inflated: a plain file's length, or the gzip
             # trailer's (ISIZE, the inflated length mod 2^32).
             real = path.stat().st_size - len(head) if not compressed else (_gzip_isize(path) - len(head)) % (1 << 32)
-            if real != expected % (1 << 32) if compressed else real != expected:
+            if compressed and real != expected % (1 << 32):
+                raise EdgeError(f"{path}: the gzip stream is truncated or corrupt, or its IDX header lies: the header says "
+                                f"{'x'.join(map(str, dims))} = {expected} bytes of data, the gzip size field {real}. "
+                                "Fix: delete the file and fetch it again (mnist-dist data download), or copy it anew.")
+            if not compressed and real != expected:
                 raise EdgeError(f"{path}: header says {'x'.join(map(str, dims))} = {expected} bytes of data but the file has "
                                 f"{real}: it is truncated or padded. Fix: fetch the file again.")
             body = stream.read(expected)

@@ -120,14 +120,17 @@ def run(export: str | None = None, run_dir: str | None = None, iterations: int =
         json_path: str | None = None, profile: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     from mnist_edge.runtime import FP32_FILE, INT8_FILE
 
+    from mnist_dist.export import report_checkpoint
+
     directory = resolve_export(export, run_dir)
     report = json.loads((directory / "report.json").read_text())
+    checkpoint = report_checkpoint(report, directory)
     machine = header(log)
     cores = usable_cores()
-    log(f"model {report['model']} from {report['checkpoint']}; batch-1 latency over {iterations} runs, 1 thread")
+    log(f"model {report['model']} from {checkpoint}; batch-1 latency over {iterations} runs, 1 thread")
     rows: dict[str, dict[str, Any]] = {}
     thread_counts = sorted({1, cores})
-    for name, measure in (("tensorflow", lambda t: _tf_in_subprocess(report["checkpoint"], t, iterations // 4)),
+    for name, measure in (("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4)),
                           ("onnxruntime fp32", lambda t: _onnxruntime(directory / FP32_FILE, t, iterations)),
                           ("onnxruntime int8", lambda t: _onnxruntime(directory / INT8_FILE, t, iterations))):
         log(f"measuring {name} ...")

@@ -197,6 +197,9 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
 
     started = time.perf_counter()
     init_ray(config)
+    import ray
+
+    rundir.check_storage_reachable(config.storage, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     trainer = DataParallelTrainer(
         worker_main,
         backend_config=TfConfig(),

@@ -63,7 +63,8 @@ def why_not_replaceable(target: Path, kind: str, protected: tuple[Path, ...] = (
     except (OSError, ValueError):
         marker = None
     if not isinstance(marker, dict) or marker.get("kind") != kind:
-        return f"holds files that mnist-dist {kind} did not write (no {MARKER} marker of a {kind})"
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"holds files that mnist-dist {kind} did not write (no {MARKER} marker of {article} {kind})"
     foreign = [e.name for e in entries
                if e.name != MARKER and (not e.is_file() or e.is_symlink()
                                         or not any(fnmatch.fnmatch(e.name, p) for p in KINDS[kind]))]

@@ -145,3 +145,38 @@ def locked(directory: str, command: str, create: bool = True) -> Iterator[None]:
     finally:
         del _held[directory]
         handle.close()  # releases the lock; the file stays, naming the last holder
+
+
+# Filesystems that other hosts can mount too. FUSE mounts are object stores or network
+# filesystems (s3fs, gcsfuse, blobfuse2) in practice.
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "gpfs", "beegfs", "9p", "virtiofs")
+
+
+def filesystem_type(path: str, mounts: str | None = None) -> str:
+    """The type of the filesystem that holds `path`: the longest mount point above it."""
+    if mounts is None:
+        mounts = Path("/proc/mounts").read_text() if Path("/proc/mounts").is_file() else ""
+    resolved, best, kind = Path(path).resolve(), "", "unknown"
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and (resolved == Path(fields[1]) or Path(fields[1]) in resolved.parents) \
+                and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
+def check_storage_reachable(storage: str, node_hosts: set[str], mounts: str | None = None) -> None:
+    """Refuse a run directory on one node's own disk when the cluster spans several hosts.
+
+    Ray Train fails only when a worker on another host reports its first checkpoint, after
+    training has started; nodes on one host (as in the tests) share its disks.
+    """
+    if "://" in storage or len(node_hosts) <= 1:
+        return
+    kind = filesystem_type(storage, mounts)
+    if kind in SHARED_FILESYSTEMS or kind.startswith("fuse"):
+        return
+    hosts = ", ".join(sorted(node_hosts)[:3]) + (", ..." if len(node_hosts) > 3 else "")
+    raise RunError(f"--storage {storage} is on this node's own {kind} filesystem, but the cluster's nodes are on "
+                   f"{len(node_hosts)} hosts ({hosts}): workers elsewhere cannot write their checkpoints there. "
+                   "Fix: an NFS path mounted on every node, or a URI (--storage s3://BUCKET/runs, gs://...).")

@@ -33,7 +33,7 @@ def test_an_in_process_run_on_another_filesystem_checkpoints_and_finishes(tmpfs)
     proc = run_cli("train", "--preset", "smoke", "--in-process", "--synthetic", "--storage", storage, "--name", "r")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # rename() raised EXDEV here before
     assert json.loads((storage / "r" / "result.json").read_text())["epochs_completed"] == 2
-    assert sorted(p.name for p in (storage / "r").iterdir() if p.name.startswith(("checkpoint", "."))) == [
+    assert sorted(p.name for p in (storage / "r").iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == [
         "checkpoint_epoch001", "checkpoint_epoch002"]  # no staging folder left behind
 
 

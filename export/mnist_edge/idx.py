@@ -5,6 +5,7 @@ Shared by the training side (mnist_dist.data) and the edge runtime.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import zlib
 from pathlib import Path
@@ -90,28 +91,15 @@ def read_bytes(path: str | Path) -> bytes:
 
 def parse(content: bytes, name: str = "<bytes>") -> np.ndarray:
     """Parse IDX bytes into a uint8 array: (N, rows, cols) for images, (N,) for labels."""
-    if len(content) < 8:
-        raise EdgeError(f"{name}: only {len(content)} bytes, too short for an IDX header. Fix: fetch the file again.")
-    magic = int.from_bytes(content[0:4], "big")
-    if magic not in (IMAGES_MAGIC, LABELS_MAGIC):
-        raise EdgeError(
-            f"{name}: wrong magic number 0x{magic:08x} (expected 0x{IMAGES_MAGIC:08x} for images or "
-            f"0x{LABELS_MAGIC:08x} for labels): this is not an MNIST IDX file. Fix: use the original "
-            "train-/t10k- images/labels files."
-        )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(content) < header:
-        raise EdgeError(f"{name}: header is cut short. Fix: fetch the file again.")
-    dims = [int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = math.prod(dims) if dims else 0  # Python ints: np.prod overflows int64 on a crafted header
-    body = len(content) - header
+    head, dims = _header(io.BytesIO(content), name)
+    expected = math.prod(dims)  # Python ints: np.prod overflows int64 on a crafted header
+    body = len(content) - len(head)
     if body != expected:
         raise EdgeError(
             f"{name}: header says {'x'.join(map(str, dims))} = {expected} bytes of data but the file has {body}: "
             "it is truncated or padded. Fix: fetch the file again."
         )
-    return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(content, dtype=np.uint8, offset=len(head)).reshape(dims)
 
 
 def read(path: str | Path) -> np.ndarray:

@@ -146,3 +146,14 @@ def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):
     _assert_complete_and_continuous(tmp_path / "runs" / "resume")
     _assert_replicas_identical(tmp_path / "runs" / "resume", epochs=3)
     assert json.loads((tmp_path / "runs" / "resume" / "result.json").read_text())["config"]["allreduce"] == "bf16"
+
+
+def test_a_run_that_diverges_on_ray_workers_stops_with_one_line(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("train", "--preset", "smoke", "--synthetic", "--workers", "2", "--batch-size", "32", "--lr", "1e12",
+                   "--storage", tmp_path, "--name", "nan")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: training diverged: the loss is nan") and "Fix: a lower --lr" in line, line
+    assert not list((tmp_path / "nan").glob("checkpoint_epoch*"))

@@ -3,7 +3,6 @@ another working directory, with relative paths, on a real local Ray."""
 import json
 import os
 import subprocess
-import sys
 import sysconfig
 import venv
 import zipfile

@@ -55,8 +55,13 @@ def train_baseline(name: str, data, epochs: int = 10, batch_size: int = 64, seed
             "val_accuracy": float(max(val_accuracy)), "test_accuracy": float(test_accuracy), "train_seconds": seconds}
 
 
+MADE_BY = "mnist-dist baseline"
+OUT_FIX = "choose another --out file"
+
+
 def run(config, names=NAMES, epochs: int = 10, out: str | Path | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
+    from mnist_dist import objectstore, ownership
     from mnist_dist.checkpoint import write_json_atomic
     from mnist_dist.loop import load_data
 
@@ -72,11 +77,17 @@ def run(config, names=NAMES, epochs: int = 10, out: str | Path | None = None,
     result = {"baselines": rows, "data_source": data.source, "val_size": config.val_size,
               "train_images": int(len(data.train_y))}
     if out:
-        write_json_atomic(Path(out), result)
+        result = {ownership.MADE_BY: MADE_BY, **result}
+        if objectstore.is_uri(out):  # a URI run's baselines.json, one put
+            objectstore.write_bytes(str(out), json.dumps(result, indent=2, sort_keys=True).encode())
+        else:
+            ownership.check_file_replaceable(out, MADE_BY, OUT_FIX)
+            write_json_atomic(Path(out), result)
         log(f"wrote {out}")
     return result
 
 
 def load(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / BASELINES_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    from mnist_dist.rundir import read_json
+
+    return read_json(str(run_dir), BASELINES_FILE)

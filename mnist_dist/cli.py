@@ -135,9 +135,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """The edge runtime's predict; an export at a URI is read from a local copy (the edge stays pyarrow-free)."""
+    from mnist_dist import objectstore
     from mnist_edge.cli import run
 
-    return run(args)
+    if not objectstore.is_uri(args.model):
+        return run(args)
+    try:
+        with objectstore.local_copy(args.model) as local:
+            return run(argparse.Namespace(**{**vars(args), "model": str(local)}))
+    except FileNotFoundError:
+        raise objectstore.RunError(f"{args.model}: nothing there. Fix: pass --model RUN/export of a run that was exported.") from None
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -150,16 +158,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def pipeline(args: argparse.Namespace, config) -> int:
-    from pathlib import Path
-
+    from mnist_dist import objectstore
     from mnist_dist.export import export, published
 
     result = run_training(config, in_process=args.in_process)
-    out = args.export_dir or f"{result['run_dir']}/export"
+    out = args.export_dir or objectstore.join(result["run_dir"], "export")
     # Run again (a retried Ray job, a re-applied RayJob), the pipeline finishes what is left.
-    previous = published(Path(out))
-    best = Path(result["best_checkpoint"]).name
-    if previous is not None and Path(previous["checkpoint"]).name == best:
+    previous = published(out)
+    best = objectstore.name(result["best_checkpoint"])
+    if previous is not None and objectstore.name(previous["checkpoint"]) == best:
         print(f"verified export of {best} already in {out}: nothing to export")
         return 0
     options = export_options(args)
@@ -178,9 +185,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from mnist_dist import baselines
+    from mnist_dist import baselines, objectstore, ownership
     from mnist_dist.config import TrainConfig
 
     config = TrainConfig(data_dir=args.data_dir, synthetic=args.synthetic, train_limit=args.train_limit,
@@ -191,13 +196,18 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     if args.run:
         from mnist_dist.results import require_run_dir
         require_run_dir(args.run)
-    out = args.out or (Path(args.run) / baselines.BASELINES_FILE if args.run else None)
+    out = args.out or (objectstore.join(args.run, baselines.BASELINES_FILE) if args.run else None)
+    if out and not objectstore.is_uri(out):  # before any training
+        ownership.check_file_replaceable(out, baselines.MADE_BY, baselines.OUT_FIX)
     baselines.run(config, names=args.models, epochs=args.epochs, out=out)
     return 0
 
 
 # ---------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
+    from mnist_dist.bench import check_json_path
+
+    check_json_path(args.json)  # before minutes of measuring
     if args.kind == "train":
         from mnist_dist.bench.train import run
         from mnist_dist.config import TrainConfig

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_dist import machine, onnx_graph, ownership
+from mnist_dist import machine, objectstore, onnx_graph, ownership
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
 from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION, META_SESSION
@@ -30,16 +30,21 @@ class ExportError(Exception):
     """An export that cannot be made or was refused; the message says which rule and why."""
 
 
-def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path, str | None]:
+def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path | str, str | None]:
+    """(the checkpoint: a Path, or a URI, and the run it belongs to, absolute)."""
     from mnist_dist.results import RunError, best_checkpoint
 
     if checkpoint:
-        return Path(checkpoint), None
+        return (checkpoint if objectstore.is_uri(checkpoint) else Path(checkpoint)), None
     try:
         path, _best = best_checkpoint(run)
     except RunError as exc:
         raise ExportError(str(exc)) from None
-    return path, str(Path(run).resolve())
+    return path, run_location(run)
+
+
+def run_location(run: str) -> str:
+    return str(run) if objectstore.is_uri(run) else str(Path(run).resolve())
 
 
 def check_thresholds(tolerance: float, max_int8_drop_pp: float, calibration_images: int) -> None:
@@ -55,11 +60,14 @@ def check_thresholds(tolerance: float, max_int8_drop_pp: float, calibration_imag
         raise ExportError(f"--calibration-images must be >= 1, got {calibration_images}. Fix: pass e.g. --calibration-images 1000 (the default).")
 
 
-def checkpoint_name(ckpt_dir: Path, run_dir: str | None) -> str:
-    """The checkpoint relative to its run (`checkpoint_epoch002`), or its absolute path outside one."""
-    if run_dir and ckpt_dir.resolve().parent == Path(run_dir).resolve():
-        return ckpt_dir.name
-    return str(ckpt_dir.resolve())
+def checkpoint_name(ckpt_dir: Path | str, run_dir: str | None) -> str:
+    """The checkpoint relative to its run (`checkpoint_epoch002`), or its absolute path (or URI) outside one."""
+    if objectstore.is_uri(ckpt_dir):
+        inside = run_dir and objectstore.join(run_dir, objectstore.name(ckpt_dir)) == str(ckpt_dir)
+        return objectstore.name(ckpt_dir) if inside else str(ckpt_dir)
+    if run_dir and not objectstore.is_uri(run_dir) and Path(ckpt_dir).resolve().parent == Path(run_dir).resolve():
+        return Path(ckpt_dir).name
+    return str(Path(ckpt_dir).resolve())
 
 
 def report_checkpoint(report: dict[str, Any], export_dir: Path) -> Path:
@@ -75,22 +83,35 @@ def report_checkpoint(report: dict[str, Any], export_dir: Path) -> Path:
                       f"{report.get('run')}. Fix: pass the run's export, RUN/export, or --run RUN.")
 
 
-def published(out: Path) -> dict[str, Any] | None:
-    """The report of the verified export that `out` holds, if it holds one made by export."""
-    if ownership.why_not_replaceable(out, "export") is not None or not (out / REPORT_JSON).is_file():
-        return None
+def read_report(out: Path | str) -> dict[str, Any] | None:
+    """The export's report.json, or None when it has none that can be read."""
     try:
-        report = json.loads((out / REPORT_JSON).read_text())
-    except ValueError:
+        if objectstore.is_uri(out):
+            data = objectstore.read_bytes(objectstore.join(str(out), REPORT_JSON))
+        else:
+            data = (Path(out) / REPORT_JSON).read_bytes() if (Path(out) / REPORT_JSON).is_file() else None
+        report = json.loads(data) if data is not None else None
+    except (OSError, ValueError):
         return None
-    return report if isinstance(report, dict) and report.get("verified") is True else None
+    return report if isinstance(report, dict) else None
 
 
-def rejected_dir(out: Path) -> Path:
+def published(out: Path | str) -> dict[str, Any] | None:
+    """The report of the verified export that `out` holds, if it holds one made by export."""
+    if ownership.why_not_replaceable(out, "export") is not None:
+        return None
+    report = read_report(out)
+    return report if report is not None and report.get("verified") is True else None
+
+
+def rejected_dir(out: Path | str) -> Path | str:
+    if objectstore.is_uri(out):
+        base, sep, query = str(out).partition("?")
+        return base.rstrip("/") + ".rejected" + sep + query
     return out.with_name(out.name + ".rejected")
 
 
-def check_output_dir(out: Path, force: bool, protected: tuple[Path, ...] = ()) -> None:
+def check_output_dir(out: Path | str, force: bool, protected: tuple = ()) -> None:
     """Refuse, before any work, an --out that export could not replace without losing something.
 
     Only a folder holding nothing but an earlier export's own files (`ownership`) is ever
@@ -99,11 +120,7 @@ def check_output_dir(out: Path, force: bool, protected: tuple[Path, ...] = ()) -
     fix = "choose another --out (an export never replaces a folder it did not write)"
     ownership.check_replaceable(out, "export", protected, fix)
     ownership.check_replaceable(rejected_dir(out), "export", protected, fix)
-    try:
-        verified = json.loads((out / REPORT_JSON).read_text()).get("verified") is True
-    except (OSError, ValueError, AttributeError):
-        verified = False
-    if verified and not force:
+    if (read_report(out) or {}).get("verified") is True and not force:
         raise ExportError(f"{out}: holds a previous verified export. Fix: pass --force to replace it, or choose another --out.")
 
 
@@ -192,7 +209,7 @@ def export(run: str | None = None, checkpoint: str | None = None, out: str | Non
                    calibration_images=calibration_images, log=log)
     if run is None:
         return _export(run, checkpoint, out, **options)
-    with rundir.locked(str(Path(run).resolve()), "export", create=False):
+    with rundir.locked(run_location(run), "export", create=False):
         return _export(run, checkpoint, out, **options)
 
 
@@ -208,11 +225,14 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
         raise ExportError(f"opset {opset} is not supported: tf2onnx 1.17 is tested with opsets "
                           f"{onnx_graph.MIN_OPSET}..{onnx_graph.MAX_OPSET}. Fix: pass --opset 17 (the default) or another in that range.")
     ckpt_dir, run_dir = resolve_checkpoint(run, checkpoint)
-    out_dir = Path(out) if out else Path(run_dir or ckpt_dir.parent) / "export"
-    protected = tuple(Path(p) for p in (run_dir, ckpt_dir) if p)  # what this command reads
+    out_dir = default_out(ckpt_dir, run_dir) if out is None else (out if objectstore.is_uri(out) else Path(out))
+    protected = tuple(p for p in (run_dir, ckpt_dir) if p)  # what this command reads
     check_output_dir(out_dir, force, protected)
     try:
-        model, state = load_model(ckpt_dir)
+        with objectstore.local_copy(ckpt_dir) as local:
+            model, state = load_model(local)
+    except FileNotFoundError:
+        raise ExportError(f"{ckpt_dir}: no such checkpoint. Fix: pass --run RUN, or the --checkpoint of a run.") from None
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     config = TrainConfig.from_dict(state["config"])
@@ -220,10 +240,13 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
     log(f"exporting {config.model} from {ckpt_dir} (epoch {state['epoch']}, validation accuracy {100 * state['val_accuracy']:.2f}%)")
 
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        if objectstore.is_uri(out_dir):  # built here, then uploaded (objectstore has no rename)
+            work = Path(tempfile.mkdtemp(prefix="mnist-dist-export-"))
+        else:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as exc:
-        raise ExportError(f"{out_dir.parent}: cannot write the export there ({exc.strerror or exc}). "
+        raise ExportError(f"{out_dir}: cannot write the export there ({exc.strerror or exc}). "
                           "Fix: choose a writable --out, or free space there.") from None
     ownership.mark(work, "export")
     try:
@@ -296,7 +319,7 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
             log(f"export REJECTED: nothing was published to {out_dir}; the rejected files are in {out_dir}.rejected")
         return report
     except OSError as exc:  # a full disk or a folder made read-only meanwhile: nothing was published
-        raise ExportError(f"{out_dir.parent}: writing the export failed ({exc.strerror or exc}); nothing was published. "
+        raise ExportError(f"{out_dir}: writing the export failed ({exc.strerror or exc}); nothing was published. "
                           "Fix: free space there, or choose another --out.") from None
     finally:
         ownership.remove_staging(work)  # this process's own temporary folder; gone once published
@@ -318,11 +341,24 @@ def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, ma
     ]
 
 
-def publish(work: Path, out_dir: Path, verified: bool, protected: tuple[Path, ...] = ()) -> None:
+def default_out(ckpt_dir: Path | str, run_dir: str | None) -> Path | str:
+    """RUN/export, beside the checkpoint's run (a URI stays a URI)."""
+    if run_dir:
+        return objectstore.join(run_dir, "export") if objectstore.is_uri(run_dir) else Path(run_dir) / "export"
+    if objectstore.is_uri(ckpt_dir):
+        base, sep, query = str(ckpt_dir).partition("?")
+        return base.rstrip("/").rsplit("/", 1)[0] + "/export" + sep + query
+    return Path(ckpt_dir).parent / "export"
+
+
+def publish(work: Path, out_dir: Path | str, verified: bool, protected: tuple = ()) -> None:
     """Rename the finished temporary directory into place; the old export is replaced only now."""
+    target, fix = out_dir if verified else rejected_dir(out_dir), "choose another --out (an export never replaces a folder it did not write)"
+    if objectstore.is_uri(target):
+        ownership.publish_uri(work, str(target), "export", commit=REPORT_JSON, protected=protected, fix=fix)
+        return
     work.chmod(0o755)  # mkdtemp made it private; an export is meant to be copied and shared
-    ownership.replace(work, out_dir if verified else rejected_dir(out_dir), "export", protected,
-                      fix="choose another --out (an export never replaces a folder it did not write)")
+    ownership.replace(work, target, "export", protected, fix=fix)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -8,8 +8,12 @@ from mnist_dist.config import TrainConfig
 
 
 def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
-    from mnist_dist import rundir
+    from mnist_dist import objectstore, rundir
+    from mnist_dist.results import RunError
 
+    if objectstore.is_uri(config.storage):
+        raise RunError(f"--in-process keeps its checkpoints in a local folder, not at {config.storage}. "
+                       "Fix: drop --in-process (Ray Train writes checkpoints to the URI), or pass a local --storage.")
     config = rundir.settle(config.replace(workers=1))
     with rundir.locked(rundir.run_dir(config), "train --in-process"):
         if (finished := rundir.claim(config)) is not None:

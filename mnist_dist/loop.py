@@ -471,6 +471,7 @@ def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | No
         summaries.scalars(step, {"val/accuracy": val_acc, "val/error": 1 - val_acc, "epoch/val_accuracy": val_acc,
                                  "epoch/val_loss": val_loss, "epoch/train_loss": metrics["train_loss"],
                                  "epoch/images_per_second": metrics["images_per_second"]})
+        summaries.sync()
         say(f"epoch {epoch + 1}/{config.epochs}: validation accuracy {100 * val_acc:.2f}% (loss {val_loss:.4f}), "
             f"{epoch_train_seconds:.1f} s, {metrics['images_per_second']:.0f} img/s")
         with tempfile.TemporaryDirectory(prefix="mnist-ckpt-") as tmp:

@@ -25,14 +25,12 @@ class RunError(Exception):
 def write(run_dir: str, name: str, payload: dict[str, Any]) -> None:
     from mnist_dist.checkpoint import write_json_atomic
 
-    if "://" not in run_dir:
+    from mnist_dist import objectstore
+
+    if not objectstore.is_uri(run_dir):
         write_json_atomic(Path(run_dir) / name, payload)
         return
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(f"{run_dir}/{name}")
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+    objectstore.write_bytes(objectstore.join(run_dir, name), json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
 def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[str, Any],
@@ -56,7 +54,11 @@ def finish(config: TrainConfig, run_dir: str, best_dir: str, best_metrics: dict[
     else:
         state = load_state(eval_dir or best_dir)
     # Relative to the run directory: a run copied, moved or synced from a bucket stays whole.
-    best = {"checkpoint": best_dir.rstrip("/").rsplit("/", 1)[-1], "epoch": best_metrics["epoch"],
+    from mnist_dist import objectstore
+
+    if objectstore.is_uri(run_dir):  # Ray's checkpoint path is on the bucket's filesystem, without its scheme
+        best_dir = objectstore.join(run_dir, objectstore.name(best_dir))
+    best = {"checkpoint": objectstore.name(best_dir), "epoch": best_metrics["epoch"],
             "val_accuracy": best_metrics["val_accuracy"], "global_step": best_metrics["global_step"]}
     summary = {
         "run_dir": run_dir,
@@ -99,26 +101,42 @@ def time_line(history: list[dict[str, Any]], wall_seconds: float) -> str:
     return line
 
 
-def require_run_dir(run_dir: str | Path) -> Path:
+def require_run_dir(run_dir: str | Path) -> Path | str:
+    """The run directory: a local Path, or the URI itself (objectstore)."""
+    from mnist_dist import objectstore
+
+    fix = "Fix: pass the --storage/--name folder of a training run."
+    if objectstore.is_uri(run_dir):
+        if not objectstore.exists(str(run_dir)):
+            raise RunError(f"{run_dir}: run directory does not exist. {fix}")
+        return str(run_dir)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory does not exist. Fix: pass the --storage/--name folder of a training run.")
+        raise RunError(f"{run_dir}: run directory does not exist. {fix}")
     return run_dir
 
 
-def best_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The best checkpoint of a finished run, from best.json."""
+def best_checkpoint(run_dir: str | Path) -> tuple[Path | str, dict[str, Any]]:
+    """The best checkpoint of a finished run, from best.json (a Path, or a URI for a URI run)."""
+    from mnist_dist import objectstore
+
     run_dir = require_run_dir(run_dir)
-    pointer = run_dir / BEST_FILE
-    if not pointer.is_file():
-        has_checkpoints = any(run_dir.glob("checkpoint_*"))
+    pointer = objectstore.join(str(run_dir), BEST_FILE)
+    if isinstance(run_dir, Path):
+        text, names = (run_dir / BEST_FILE).read_bytes() if (run_dir / BEST_FILE).is_file() else None, \
+            [p.name for p in run_dir.iterdir()]
+    else:
+        text, names = objectstore.read_bytes(pointer), [name for name, _ in objectstore.listing(run_dir)]
+    if text is None:
+        has_checkpoints = any(name.startswith("checkpoint_") for name in names)
         hint = ("it has checkpoints but the run did not finish: re-run the same `mnist-dist train` command to resume it, "
                 "or pass --checkpoint DIR") if has_checkpoints else "it holds no checkpoints: train first"
         raise RunError(f"{run_dir}: no {BEST_FILE}; {hint}.")
     try:
-        best = json.loads(pointer.read_text())
+        best = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RunError(f"{pointer}: not valid JSON ({exc}).") from None
     # Always this run's own folder: best.json of older runs held absolute paths, which in a
     # copy point back at the original.
-    return run_dir / Path(best["checkpoint"]).name, best
+    checkpoint = objectstore.name(best["checkpoint"])
+    return (run_dir / checkpoint if isinstance(run_dir, Path) else objectstore.join(run_dir, checkpoint)), best

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from mnist_dist import objectstore
 from mnist_dist.config import TrainConfig
 from mnist_dist.results import RESULT_FILE, RunError, write
 
@@ -25,34 +26,35 @@ MAY_CHANGE = frozenset({"epochs", "eval_every", "steps_per_execution", "probe_te
 
 
 def storage_path(storage: str) -> str:
-    """Ray wants an absolute local path or a URI (s3://, gs://, NFS mount path)."""
+    """Ray wants an absolute local path or a URI (s3://, gs://, NFS mount path); file:// is a local path."""
+    if storage.startswith("file://"):
+        storage = storage.removeprefix("file://")
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def run_dir(config: TrainConfig) -> str:
-    return f"{storage_path(config.storage).rstrip('/')}/{config.name}"
+    return objectstore.join(storage_path(config.storage), config.name)
 
 
 def read_json(run_dir: str, name: str) -> dict[str, Any] | None:
     """A JSON file of the run directory (a local path or a URI), or None when it is absent."""
     try:
-        if "://" not in run_dir:
+        if not objectstore.is_uri(run_dir):
             return json.loads((Path(run_dir) / name).read_text())
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(f"{run_dir}/{name}")
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+        data = objectstore.read_bytes(objectstore.join(run_dir, name))
+        return None if data is None else json.loads(data)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except ValueError as exc:
-        raise RunError(f"{run_dir}/{name}: not valid JSON ({exc}). Fix: pass a new --name, or restore the file.") from None
+        raise RunError(f"{objectstore.join(run_dir, name)}: not valid JSON ({exc}). Fix: pass a new --name, or restore the file.") from None
 
 
 def settle(config: TrainConfig) -> TrainConfig:
     """The config with its run named and its paths absolute, settled in the driver."""
     config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S"),
                             storage=storage_path(config.storage)).validate()
+    if objectstore.is_uri(config.storage):
+        objectstore.check_reachable(config.storage)  # a wrong bucket or endpoint fails here, not after training
     if not config.synthetic:
         from mnist_dist.data import settle_dir
         config = config.replace(data_dir=settle_dir(config.data_dir))  # bad data fails here, in seconds
@@ -84,7 +86,7 @@ def claim(config: TrainConfig) -> dict[str, Any] | None:
     if result is not None and result.get("epochs_completed", 0) >= config.epochs:
         return result
     try:
-        if "://" not in directory:
+        if not objectstore.is_uri(directory):
             Path(directory).mkdir(parents=True, exist_ok=True)
         write(directory, CONFIG_FILE, config.to_dict())
     except OSError as exc:
@@ -112,14 +114,17 @@ def locked(directory: str, command: str, create: bool = True) -> Iterator[None]:
     killed command is simply taken by the next one (a retried Ray job included). The file
     names the holder for the one-line refusal a second writer gets. A process that already
     holds the lock (the pipeline's export after its training) takes it again for free.
-    Object-store URIs have no OS lock; they are not locked yet.
+    A URI has no OS lock: there the lock is an owner object with a heartbeat (`_locked_uri`).
     """
-    if "://" in directory or directory in _held or not (create or Path(directory).is_dir()):
+    uri = objectstore.is_uri(directory)
+    if directory in _held or not (create or (objectstore.exists(directory) if uri else Path(directory).is_dir())):
         yield  # (a missing run is for the command itself to report)
         return
+    if uri:
+        with _locked_uri(directory, command):
+            yield
+        return
     import fcntl
-    import os
-    import socket
 
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -136,8 +141,7 @@ def locked(directory: str, command: str, create: bool = True) -> Iterator[None]:
         raise RunError(f"{directory}: in use by {holder}. Fix: wait for that command to finish, or pass another --name.") from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"`mnist-dist {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')})\n")
+    handle.write(_holder(command) + "\n")
     handle.flush()
     _held[directory] = handle
     try:
@@ -145,6 +149,77 @@ def locked(directory: str, command: str, create: bool = True) -> Iterator[None]:
     finally:
         del _held[directory]
         handle.close()  # releases the lock; the file stays, naming the last holder
+
+
+def _holder(command: str) -> str:
+    import os
+    import socket
+
+    return f"`mnist-dist {command}` (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')})"
+
+
+# A URI run's lock: its holder rewrites it every HEARTBEAT_S; one not rewritten for STALE_S
+# belongs to a process that died (a killed driver, a deleted pod) and is taken over.
+HEARTBEAT_S, STALE_S, SETTLE_S = 5.0, 30.0, 1.0
+
+
+def _read_lock(uri: str) -> dict[str, Any] | None:
+    try:
+        data = objectstore.read_bytes(uri)
+        lock = json.loads(data) if data is not None else None
+    except ValueError:
+        return None  # a torn or foreign object is no live holder
+    return lock if isinstance(lock, dict) and isinstance(lock.get("heartbeat"), (int, float)) else None
+
+
+@contextlib.contextmanager
+def _locked_uri(directory: str, command: str) -> Iterator[None]:
+    """An owner object, RUN/.lock, with a heartbeat: object stores have no lock to take.
+
+    Two writers that race for a free lock both write it; each reads it back SETTLE_S later,
+    and only the one whose token is there goes on. While it runs, a daemon thread renews the
+    heartbeat; the lock is deleted at the end, and a dead holder's lock goes stale.
+    """
+    import threading
+    import uuid
+
+    uri, token, holder = objectstore.join(directory, LOCK_FILE), uuid.uuid4().hex, _holder(command)
+
+    def refuse(lock: dict[str, Any]) -> RunError:
+        age = time.time() - lock["heartbeat"]
+        return RunError(f"{directory}: in use by {lock.get('holder', 'another process')} (heartbeat {age:.0f} s ago). "
+                        f"Fix: wait for that command to finish, or pass another --name (the lock of a holder that died "
+                        f"expires {STALE_S:.0f} s after its last heartbeat).")
+
+    def beat() -> None:
+        objectstore.write_bytes(uri, json.dumps({"holder": holder, "token": token, "heartbeat": time.time()}).encode())
+
+    current = _read_lock(uri)
+    if current is not None and time.time() - current["heartbeat"] < STALE_S:
+        raise refuse(current)
+    beat()
+    time.sleep(SETTLE_S)
+    current = _read_lock(uri)
+    if current is None or current.get("token") != token:
+        raise refuse(current or {"heartbeat": time.time()})
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            if (_read_lock(uri) or {}).get("token") == token:
+                beat()
+
+    thread = threading.Thread(target=renew, name="mnist-dist-run-lock", daemon=True)
+    thread.start()
+    _held[directory] = token
+    try:
+        yield
+    finally:
+        del _held[directory]
+        stop.set()
+        thread.join()
+        if (_read_lock(uri) or {}).get("token") == token:
+            objectstore.delete(uri)
 
 
 # Filesystems that other hosts can mount too. FUSE mounts are object stores or network

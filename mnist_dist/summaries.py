@@ -20,19 +20,39 @@ INTERVAL_TAGS = ("train/loss", "train/learning_rate", "train/minibatch_error", "
 EPOCH_TAGS = ("epoch/train_loss", "epoch/val_loss", "epoch/val_accuracy", "epoch/images_per_second")
 
 
-def logdir(run_dir: str) -> str | None:
-    """Where a run's events go; None for object-store runs (TensorFlow cannot append there)."""
-    return None if "://" in run_dir else str(Path(run_dir) / SUBDIR)
+def logdir(run_dir: str) -> str:
+    """Where a run's events go: RUN/tensorboard (a URI for an object-store run)."""
+    from mnist_dist import objectstore
+
+    return objectstore.join(run_dir, SUBDIR)
 
 
 class Summaries:
-    """A no-op unless given a directory, so every rank can call it unconditionally."""
+    """A no-op unless given a directory, so every rank can call it unconditionally.
+
+    TensorFlow cannot append to an object store without tensorflow-io, so a URI run's events
+    are written to a local folder and put whole into the bucket at every `sync`.
+    """
 
     def __init__(self, directory: str | None):
+        import tempfile
+
         import tensorflow as tf
 
+        from mnist_dist import objectstore
+
         self._tf = tf
-        self._writer = tf.summary.create_file_writer(directory) if directory else None
+        self._remote = directory if directory and objectstore.is_uri(directory) else None
+        self._local = tempfile.mkdtemp(prefix="mnist-dist-events-") if self._remote else directory
+        self._writer = tf.summary.create_file_writer(self._local) if self._local else None
+
+    def sync(self) -> None:
+        """Put this writer's event files into the bucket (a no-op for a local run)."""
+        from mnist_dist import objectstore
+
+        if self._remote:
+            for file in Path(self._local).iterdir():
+                objectstore.write_bytes(objectstore.join(self._remote, file.name), file.read_bytes())
 
     def graph(self, model, input_shape=(None, 28, 28, 1)) -> None:
         """The inference graph, as TensorBoard's Graphs tab shows it."""
@@ -56,6 +76,11 @@ class Summaries:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self.sync()
+        if self._remote:
+            import shutil
+
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 def read_scalars(directory: str | Path) -> dict[str, list[tuple[int, float]]]:

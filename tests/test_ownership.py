@@ -153,3 +153,23 @@ def test_the_rule_by_itself(tmp_path):
     (owned / "sub").mkdir()
     assert "does not write (sub)" in reason(owned, "export")  # an export holds no folders
     assert "which this command reads" in reason(tmp_path, "export", protected=(run,))
+
+
+def test_report_never_writes_into_a_folder_of_user_files(run_copy, tmp_path):
+    mine = user_folder(tmp_path / "mine", report_md="my own report", notes_txt="keep me")
+    before = snapshot(mine)
+    refused(run_cli("report", "--run", run_copy, "--out", mine), str(mine), "did not write", "Fix: choose another --out")
+    refused(run_cli("report", "--run", run_copy, "--out", run_copy), "is or contains")
+    assert snapshot(mine) == before
+
+
+def test_baseline_and_bench_never_overwrite_a_file_they_did_not_write(run_copy, tmp_path):
+    mine = tmp_path / "figures.json"
+    mine.write_text('{"my": "numbers"}')
+    refused(run_cli("baseline", "--out", mine, "--epochs", "1"), str(mine), "`mnist-dist baseline` did not write")
+    refused(run_cli("bench", "infer", "--run", run_copy, "--json", mine), str(mine), "`mnist-dist bench` did not write")
+    refused(run_cli("bench", "train", "--json", tmp_path), "exists and is not a file")
+    assert mine.read_text() == '{"my": "numbers"}'
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"made_by": "mnist-dist baseline", "baselines": []}))
+    ownership.check_file_replaceable(ours, "mnist-dist baseline", "x")  # an earlier one of ours is replaced

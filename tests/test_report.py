@@ -62,6 +62,13 @@ def test_report_of_a_real_run_with_baselines_and_export(ray_run, exported):
     epoch_rows = [line for line in text.splitlines() if line.startswith(("| 1 ", "| 2 ", "| 3 "))]
     assert len(epoch_rows) == len(result["history"]) == 2
 
+    # Run again, the report replaces its own earlier one (it carries the ownership marker).
+    assert json.loads((out / ".mnist-dist.json").read_text())["kind"] == "report"
+    proc = run_cli("report", "--run", run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".mnist-dist.json", "confusion.png", "curves.png",
+                                                     "predictions.png", "report.md"]
+
 
 def test_report_refuses_unfinished_or_missing_runs(tmp_path):
     proc = run_cli("report", "--run", tmp_path / "nope")

@@ -13,7 +13,6 @@ assert on a timing.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +35,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], log: Callable[[
             log("  ".join("-" * w for w in widths))
 
 
-def save(path: str | None, payload: dict[str, Any], log: Callable[[str], None] = print) -> None:
+MADE_BY = "mnist-dist bench"
+
+
+def check_json_path(path: str | None) -> None:
+    """Before any measuring: --json replaces only an earlier `bench --json` file."""
+    from mnist_dist import ownership
+
     if path:
-        Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        ownership.check_file_replaceable(path, MADE_BY, "choose another --json file")
+
+
+def save(path: str | None, payload: dict[str, Any], log: Callable[[str], None] = print) -> None:
+    from mnist_dist import ownership
+    from mnist_dist.checkpoint import write_json_atomic
+
+    if path:
+        check_json_path(path)
+        write_json_atomic(Path(path), {ownership.MADE_BY: MADE_BY, **payload})
         log(f"wrote {path}")

@@ -1,0 +1,258 @@
+"""Runs in a bucket: a real S3-compatible HTTP server (moto's server mode), real Ray, real exports.
+
+Checkpoints, config.json, result.json, best.json, the verified export and the report must
+all land in the bucket, a resume must read them from there, and nothing may be written to
+the working directory. The endpoint is given both standard ways: AWS_ENDPOINT_URL, and
+pyarrow's `?endpoint_override=` in the URI.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli
+
+BUCKET = "mnist-runs"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(endpoint URL, env for commands) of a moto S3 server with one empty bucket."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # for the boto3 client and pyarrow calls of the tests themselves
+    try:
+        import boto3
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield endpoint, env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def keys(prefix: str) -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def read(key: str) -> dict:
+    import boto3
+
+    return json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def last_line(proc) -> str:
+    return (proc.stdout + proc.stderr).strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def bucket_run(s3, tmp_path_factory):
+    """`train` for 1 epoch, then `pipeline` to 2 epochs (a resume from the bucket), from an empty folder."""
+    _endpoint, env = s3
+    cwd = tmp_path_factory.mktemp("cwd")
+    storage = f"s3://{BUCKET}/runs"
+    common = ["--preset", "smoke", "--storage", storage, "--name", "first", "--train-limit", "1024"]
+    trained = run_cli("train", *common, "--epochs", "1", env=env, cwd=cwd)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    after_one = keys("runs/first/")
+    resumed = run_cli("pipeline", *common, "--epochs", "2", env=env, cwd=cwd)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return {"storage": storage, "run": f"{storage}/first", "common": common, "cwd": cwd, "env": env,
+            "after_one": after_one, "trained": trained, "resumed": resumed}
+
+
+@pytest.mark.slow
+def test_a_run_lands_whole_in_the_bucket_and_nothing_in_the_working_directory(bucket_run):
+    assert list(bucket_run["cwd"].iterdir()) == []
+    assert "runs/first/checkpoint_epoch001/model.keras" in bucket_run["after_one"]
+    assert "runs/first/result.json" in bucket_run["after_one"]
+    names = keys("runs/first/")
+    for key in ("config.json", "result.json", "best.json", "checkpoint_epoch002/model.keras", "checkpoint_epoch002/state.json",
+                "export/model.onnx", "export/model.int8.onnx", "export/report.json", "export/.mnist-dist.json",
+                "checkpoint_manager_snapshot.json"):
+        assert f"runs/first/{key}" in names, names
+    assert "runs/first/.lock" not in names  # the run's lock is released at the end
+    events = [n for n in names if n.startswith("runs/first/tensorboard/events.out.tfevents.")]
+    assert len(events) == 2, names  # one per command that trained: `train`, then the resuming `pipeline`
+    result = read("runs/first/result.json")
+    assert result["run_dir"] == bucket_run["run"]
+    assert result["best_checkpoint"].startswith(bucket_run["run"] + "/checkpoint_epoch00")
+    assert read("runs/first/export/report.json")["verified"] is True
+
+
+@pytest.mark.slow
+def test_a_resume_reads_its_checkpoint_from_the_bucket_and_trains_each_epoch_once(bucket_run):
+    out = bucket_run["resumed"].stdout + bucket_run["resumed"].stderr
+    assert "resum" in out.lower(), out
+    history = read("runs/first/result.json")["history"]
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert read("runs/first/result.json")["epochs_completed"] == 2
+
+
+@pytest.mark.slow
+def test_a_rerun_in_the_bucket_trains_and_exports_nothing(bucket_run):
+    proc = run_cli("pipeline", *bucket_run["common"], "--epochs", "2", env=bucket_run["env"], cwd=bucket_run["cwd"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nothing to train" in proc.stdout and "nothing to export" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_report_and_predict_with_the_endpoint_in_the_uri(bucket_run, s3, mnist_dir):
+    endpoint, env = s3
+    host = endpoint.removeprefix("http://")
+    env = {**env, "AWS_ENDPOINT_URL": ""}  # only the URI's query names the server now
+    query = f"?endpoint_override={host}&scheme=http"
+    proc = run_cli("report", "--run", bucket_run["run"] + query, env=env, cwd=bucket_run["cwd"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {"runs/first/report/report.md", "runs/first/report/curves.png"} <= set(keys("runs/first/report/"))
+    assert "no TensorBoard events" not in proc.stdout  # the step curves come from the bucket's events
+    proc = run_cli("predict", "--model", f"{bucket_run['run']}/export{query}", "--json",
+                   str(mnist_dir / "t10k-images-idx3-ubyte.gz"), env=env, cwd=bucket_run["cwd"])
+    assert proc.returncode == 0, proc.stderr
+    predictions = json.loads(proc.stdout)
+    assert len(predictions["predictions"] if isinstance(predictions, dict) else predictions) == 10000
+    assert list(bucket_run["cwd"].iterdir()) == []
+
+
+@pytest.mark.slow
+def test_export_in_the_bucket_refuses_what_it_did_not_make(bucket_run):
+    import boto3
+
+    run, env, cwd = bucket_run["run"], bucket_run["env"], bucket_run["cwd"]
+    proc = run_cli("export", "--run", run, env=env, cwd=cwd)
+    assert proc.returncode == 2 and "holds a previous verified export" in last_line(proc), last_line(proc)
+    proc = run_cli("export", "--run", run, "--out", run, "--force", env=env, cwd=cwd)
+    assert proc.returncode == 2 and "is or contains" in last_line(proc), last_line(proc)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="mine/notes.txt", Body=b"my notes")
+    proc = run_cli("export", "--run", run, "--out", f"s3://{BUCKET}/mine", "--force", env=env, cwd=cwd)
+    assert proc.returncode == 2 and "did not write" in last_line(proc), last_line(proc)
+    assert keys("mine/") == ["mine/notes.txt"]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_cut_off_upload_is_never_taken_for_a_finished_export(bucket_run, tmp_path):
+    """An export prefix without its report.json (the commit record) is not published, and is replaceable."""
+    import boto3
+
+    from mnist_dist.export import published
+
+    client, run = boto3.client("s3"), bucket_run["run"]
+    for key in keys("runs/first/export/"):
+        client.copy_object(Bucket=BUCKET, Key=key.replace("/export/", "/half/"), CopySource={"Bucket": BUCKET, "Key": key})
+    client.delete_object(Bucket=BUCKET, Key="runs/first/half/report.json")
+    assert published(f"{run}/half") is None
+    assert published(f"{run}/export")["verified"] is True
+    proc = run_cli("export", "--run", run, "--out", f"{run}/half", env=bucket_run["env"], cwd=bucket_run["cwd"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert read("runs/first/half/report.json")["verified"] is True
+
+
+@pytest.mark.parametrize("storage, expected", [
+    (f"s3://no-such-bucket/runs", "bucket no-such-bucket does not exist"),
+    ("nosuchscheme://x/runs", "not a storage URI that pyarrow.fs can open"),
+])
+def test_a_bad_bucket_fails_in_seconds_with_one_line(s3, tmp_path, storage, expected):
+    started = time.time()
+    proc = run_cli("train", "--preset", "smoke", "--storage", storage, "--name", "x", env=s3[1], cwd=tmp_path)
+    assert proc.returncode == 2 and expected in last_line(proc), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and time.time() - started < 30
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_endpoint_fails_with_one_line(s3, tmp_path):
+    env = {**s3[1], "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    proc = run_cli("train", "--preset", "smoke", "--storage", f"s3://{BUCKET}/runs", "--name", "x", env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "Fix: check the bucket name, the credentials" in last_line(proc), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_in_process_training_refuses_a_uri(s3, tmp_path):
+    proc = run_cli("train", "--in-process", "--preset", "smoke", "--storage", f"s3://{BUCKET}/runs", "--name", "x",
+                   env=s3[1], cwd=tmp_path)
+    assert proc.returncode == 2 and "drop --in-process" in last_line(proc), proc.stdout + proc.stderr
+
+
+HOLD = """
+import sys, time
+from mnist_dist import rundir
+with rundir.locked(sys.argv[1], "train"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_writer_of_a_bucket_run_is_refused_naming_the_holder(s3, tmp_path):
+    run = f"s3://{BUCKET}/locks/busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, run], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **s3[1]})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.time()
+        proc = run_cli("train", "--preset", "smoke", "--storage", f"s3://{BUCKET}/locks", "--name", "busy", env=s3[1],
+                       cwd=tmp_path)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"in use by `mnist-dist train` (pid {holder.pid} on {socket.gethostname()}" in last_line(proc), last_line(proc)
+        assert time.time() - started < 30
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_of_a_killed_holder_goes_stale_and_is_taken_over(s3, monkeypatch):
+    from mnist_dist import rundir
+    from mnist_dist.results import RunError
+
+    run = f"s3://{BUCKET}/locks/killed"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, run], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **s3[1]})
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)  # no chance to release it
+    holder.wait()
+    with pytest.raises(RunError, match="in use by"), rundir.locked(run, "train"):
+        pass
+    monkeypatch.setattr(rundir, "STALE_S", 2.0)
+    time.sleep(2.5)
+    with rundir.locked(run, "train"):
+        lock = read("locks/killed/.lock")
+        assert lock["holder"].startswith(f"`mnist-dist train` (pid {os.getpid()} ")
+    assert "locks/killed/.lock" not in keys("locks/killed/")  # released
+
+
+def test_file_uris_are_local_paths(tmp_path):
+    from mnist_dist.rundir import storage_path
+
+    assert storage_path(f"file://{tmp_path}/runs") == f"{tmp_path}/runs"

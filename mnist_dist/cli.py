@@ -78,6 +78,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", action="store_true", default=None, help="fake learnable digits instead of MNIST")
     parser.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false", default=None,
                         help="leave worker threads to the OS scheduler (by default, CPU workers that fill a node each keep to their own CPUs)")
+    parser.add_argument("--expose-ray", action="store_true", default=None,
+                        help="let the embedded local Ray listen on every interface (default: 127.0.0.1 only; token auth guards it either way)")
     parser.add_argument("--dashboard", action="store_true", default=None,
                         help="also start Ray's dashboard (http://127.0.0.1:8265) with the embedded local Ray; costs start-up time and some throughput")
     parser.add_argument("--in-process", action="store_true",
@@ -88,7 +90,8 @@ def config_from_args(args: argparse.Namespace):
     from mnist_dist.config import preset
 
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, (field, _k, _h) in TRAIN_OPTIONS.items()}
-    overrides.update(augment=args.augment, synthetic=args.synthetic, pin_cpus=args.pin_cpus, dashboard=args.dashboard)
+    overrides.update(augment=args.augment, synthetic=args.synthetic, pin_cpus=args.pin_cpus, dashboard=args.dashboard,
+                     expose_ray=args.expose_ray)
     if args.in_process:
         overrides["workers"] = 1
     return preset(args.preset, **overrides)

@@ -68,6 +68,7 @@ class TrainConfig:
     pin_cpus: bool = True
     address: str | None = None  # None: embedded local Ray
     dashboard: bool = False  # the embedded local Ray's dashboard (http://127.0.0.1:8265)
+    expose_ray: bool = False  # the embedded local Ray listens on every interface, not only 127.0.0.1
     storage: str = "runs"
     name: str | None = None
     max_failures: int = 0

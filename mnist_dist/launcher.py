@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from mnist_dist import results, rundir
+from mnist_dist import objectstore, results, rundir
 from mnist_dist.rundir import run_dir, storage_path
 from mnist_dist.config import TrainConfig
 
@@ -52,6 +53,9 @@ class RaySession:
                          checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
 
 
+DIVERGED_FILE = "diverged.json"  # rank 0 tells the driver that the loss stopped being a number
+
+
 def worker_main(config_dict: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
     from mnist_dist import runtime
@@ -73,9 +77,16 @@ def worker_main(config_dict: dict[str, Any]) -> None:
         runtime.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
     strategy = runtime.make_strategy(use_gpu=config.gpus_per_worker > 0)
-    from mnist_dist.loop import train
+    from mnist_dist.loop import TrainingDiverged, train
 
-    train(config, session, strategy=strategy, log=runtime.console)
+    try:
+        train(config, session, strategy=strategy, log=runtime.console)
+    except TrainingDiverged as exc:
+        # Every rank checks the same all-reduced loss, so all stop at this step together and
+        # return: the driver prints rank 0's one line, and Ray Train's controller logs no
+        # worker tracebacks. (Ray Train hands the driver only metrics that came with a checkpoint.)
+        if session.rank == 0:
+            results.write(run_dir(config), DIVERGED_FILE, {"error": str(exc)})
 
 
 def pin_worker(config: TrainConfig, session: RaySession) -> set[int] | None:
@@ -189,7 +200,20 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
         return _fit(config, log)
 
 
+def keep_ray_on_loopback(config: TrainConfig) -> None:
+    """The embedded local Ray listens on 127.0.0.1 only, unless --expose-ray.
+
+    Ray 2.60 has no bind-address option. Its single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    read once when `ray` is imported) gives every Ray process the loopback address as its
+    node IP, and each listens there; tests/test_security.py checks every listener.
+    """
+    if config.address or config.expose_ray or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "ray" in sys.modules:
+        return  # a cluster of several nodes, asked to, or too late (ray already imported in this process)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def _fit(config: TrainConfig, log) -> dict[str, Any]:
+    keep_ray_on_loopback(config)  # before `import ray`
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, WorkerGroupError
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -224,6 +248,10 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
                 raise results.RunError(line[line.index("training diverged:"):]) from None
         raise
     wall_seconds = time.perf_counter() - started
+    diverged = rundir.read_json(run_dir(config), DIVERGED_FILE)
+    if diverged is not None:
+        objectstore.delete(objectstore.join(run_dir(config), DIVERGED_FILE))
+        raise results.RunError(diverged["error"])
     if not result.best_checkpoints:
         raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run_dir(config)})")
     scored = result.metrics.get("test")  # rank 0 scores the best weights on the test set when it has them

@@ -21,7 +21,7 @@ from mnist_dist.results import RESULT_FILE, RunError, write
 CONFIG_FILE = "config.json"
 # What a re-run may change without changing what the run trains.
 MAY_CHANGE = frozenset({"epochs", "eval_every", "steps_per_execution", "probe_test", "data_dir", "cpus_per_worker",
-                        "gpus_per_worker", "pin_cpus", "address", "dashboard", "storage", "name", "max_failures",
+                        "gpus_per_worker", "pin_cpus", "address", "dashboard", "expose_ray", "storage", "name", "max_failures",
                         "keep_checkpoints"})
 
 

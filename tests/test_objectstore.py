@@ -182,7 +182,7 @@ def test_a_cut_off_upload_is_never_taken_for_a_finished_export(bucket_run, tmp_p
 
 
 @pytest.mark.parametrize("storage, expected", [
-    (f"s3://no-such-bucket/runs", "bucket no-such-bucket does not exist"),
+    ("s3://no-such-bucket/runs", "bucket no-such-bucket does not exist"),
     ("nosuchscheme://x/runs", "not a storage URI that pyarrow.fs can open"),
 ])
 def test_a_bad_bucket_fails_in_seconds_with_one_line(s3, tmp_path, storage, expected):

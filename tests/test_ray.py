@@ -156,4 +156,7 @@ def test_a_run_that_diverges_on_ray_workers_stops_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: training diverged: the loss is nan") and "Fix: a lower --lr" in line, line
+    # The workers stop; none raises, so neither they nor the controller print a traceback.
+    output = proc.stdout + proc.stderr
+    assert "TrainingDiverged" not in output and "WorkerGroupError" not in output, output[-3000:]
     assert not list((tmp_path / "nan").glob("checkpoint_epoch*"))

@@ -120,6 +120,7 @@ def locked(directory: str, command: str, create: bool = True) -> Iterator[None]:
     if directory in _held or not (create or (objectstore.exists(directory) if uri else Path(directory).is_dir())):
         yield  # (a missing run is for the command itself to report)
         return
+    check_is_run_or_new(directory)  # before the lock file is written into it
     if uri:
         with _locked_uri(directory, command):
             yield
@@ -149,6 +150,26 @@ def locked(directory: str, command: str, create: bool = True) -> Iterator[None]:
     finally:
         del _held[directory]
         handle.close()  # releases the lock; the file stays, naming the last holder
+
+
+# Any of these makes a folder a run directory (a run's own files, Ray Train's included).
+RUN_SIGNS = ("config.json", "result.json", "best.json", "checkpoint_*", "checkpoint_manager_snapshot.json",
+             ".validate_storage_marker")
+
+
+def check_is_run_or_new(directory: str) -> None:
+    """Refuse to train into (or lock) a folder of other files: `--storage ~ --name Documents`."""
+    import fnmatch
+
+    if objectstore.is_uri(directory):
+        names = [name for name, _ in objectstore.listing(directory)]
+    else:
+        names = [p.name for p in Path(directory).iterdir()] if Path(directory).is_dir() else []
+    names = [n for n in names if n != LOCK_FILE]
+    if names and not any(fnmatch.fnmatch(n, sign) for n in names for sign in RUN_SIGNS):
+        raise RunError(f"{directory}: holds files ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}) "
+                       "but no run of mnist-dist, so nothing is written there. Fix: pass a new --name, or a --storage "
+                       "folder kept for runs.")
 
 
 def _holder(command: str) -> str:

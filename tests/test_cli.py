@@ -58,3 +58,14 @@ def test_storage_that_is_a_file_gets_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "cannot write the run directory" in proc.stderr and (tmp_path / "afile").read_text() == "not a folder"
 
+
+
+def test_a_folder_of_other_files_is_never_trained_into(tmp_path):
+    docs = tmp_path / "Documents"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    proc = run_cli("train", "--in-process", "--preset", "smoke", "--storage", tmp_path, "--name", "Documents")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Documents: holds files (notes.txt) but no run of mnist-dist" in line and "Fix: pass a new --name" in line
+    assert [p.name for p in docs.iterdir()] == ["notes.txt"]  # not even a lock file

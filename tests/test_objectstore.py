@@ -200,6 +200,15 @@ def test_an_unreachable_endpoint_fails_with_one_line(s3, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_prefix_of_other_objects_is_never_trained_into(s3, tmp_path):
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="photos/cat.jpg", Body=b"...")
+    proc = run_cli("train", "--preset", "smoke", "--storage", f"s3://{BUCKET}", "--name", "photos", env=s3[1], cwd=tmp_path)
+    assert proc.returncode == 2 and "holds files (cat.jpg) but no run of mnist-dist" in last_line(proc), proc.stderr
+    assert keys("photos/") == ["photos/cat.jpg"]
+
+
 def test_in_process_training_refuses_a_uri(s3, tmp_path):
     proc = run_cli("train", "--in-process", "--preset", "smoke", "--storage", f"s3://{BUCKET}/runs", "--name", "x",
                    env=s3[1], cwd=tmp_path)

@@ -1,4 +1,7 @@
-"""The KubeRay manifests, rendered offline and checked against the real schemas."""
+"""The KubeRay manifests, rendered offline: checked against the real schemas, against the
+restricted Pod Security Standard, and for numbers that agree (what Ray is told == what the
+pods get), in every overlay and in scratch overlays that change the settings.
+tests/test_rayjob.py runs one of them."""
 import json
 import re
 import shutil
@@ -11,151 +14,388 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from helpers.kuberay_local import (
+    DASHBOARD_PORT,
+    GCS_PORT,
+    IMAGE_ENV,
+    IMAGE_WORKDIR,
+    groups,
+    quantity,
+    ray_start_command,
+    ray_start_params,
+    render,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
-OVERLAYS = ["cpu", "gpu"]
+OPERATOR, MIN_OPERATOR = "1.7.0", "1.6.0"  # the schemas' operator; the first with every field used here
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir())
+# Overlays as a user writes them (k8s/README.md): settings in a configMapGenerator, then the wiring.
+SCRATCH = {
+    "scratch-gpu-3x2": ("../gpu", ["MNIST_WORKERS=3", "MNIST_CPUS_PER_WORKER=4", "MNIST_GPUS_PER_WORKER=2"], []),
+    "kueue": ("../cpu", [], ["../../components/kueue"]),
+}
+# And the README's own examples, as written there: "big" (4 workers x 4 CPUs) and "options".
+README_OVERLAYS = ["big", "options"]
+KUEUE = {"kueue", "options"}
+CPU_IMAGE, GPU_IMAGE = "registry.example.com/mnist-dist:0.1.0", "registry.example.com/mnist-dist:0.1.0-gpu"
 
 
-def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with its built-in kustomize) is needed to render k8s/"
-    proc = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+def scratch_kustomization(base: str, literals: list[str], components: list[str]) -> str:
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [base]}
+    if components:
+        kustomization["components"] = components
+    if literals:
+        kustomization["configMapGenerator"] = [{"name": "mnist-pipeline", "behavior": "merge", "literals": literals}]
+    kustomization["transformers"] = ["../../wiring"]
+    return yaml.safe_dump(kustomization, sort_keys=False)
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request):
-    docs = render(request.param)
-    return request.param, {doc["kind"]: doc for doc in docs}, docs
+@pytest.fixture(scope="module")
+def scratch_k8s(tmp_path_factory):
+    """A copy of k8s/ with the scratch overlays beside the real ones."""
+    k8s = tmp_path_factory.mktemp("scratch") / "k8s"
+    shutil.copytree(K8S, k8s)
+    examples = re.findall(r"```yaml\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    overlays = {**{name: scratch_kustomization(*spec) for name, spec in SCRATCH.items()},
+                **dict(zip(README_OVERLAYS, examples, strict=True))}
+    for name, text in overlays.items():
+        (k8s / "overlays" / name).mkdir()
+        (k8s / "overlays" / name / "kustomization.yaml").write_text(text)
+    return k8s
 
 
-def pods(rayjob):
-    cluster = rayjob["spec"]["rayClusterSpec"]
-    return {"head": cluster["headGroupSpec"]["template"]["spec"],
-            **{g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]}}
+@pytest.fixture(scope="module", params=OVERLAYS + list(SCRATCH) + README_OVERLAYS)
+def rendered(request, scratch_k8s):
+    docs = render((K8S if request.param in OVERLAYS else scratch_k8s) / "overlays" / request.param)
+    by_kind = {doc["kind"]: doc for doc in docs}
+    return request.param, by_kind, docs
+
+
+def pods(rayjob) -> dict[str, dict]:
+    """Every pod template the RayJob makes: the head, each worker group and the submitter."""
+    return {**{name: group["template"]["spec"] for name, (_t, group) in groups(rayjob).items()},
+            "submitter": rayjob["spec"]["submitterPodTemplate"]["spec"]}
+
+
+def rayjob_of(docs) -> dict:
+    (rayjob,) = [doc for doc in docs if doc["kind"] == "RayJob"]
+    return rayjob
+
+
+def settings(by_kind) -> dict[str, str]:
+    return by_kind["ConfigMap"]["data"]
 
 
 def test_every_overlay_renders_the_expected_objects(rendered):
-    _overlay, by_kind, docs = rendered
-    assert sorted(by_kind) == ["ConfigMap", "PersistentVolumeClaim", "RayJob", "ServiceAccount"]
-    assert len(docs) == 4
+    name, by_kind, docs = rendered
+    expected = ["ConfigMap", "RayJob", "ServiceAccount"] + ([] if name == "s3" else ["PersistentVolumeClaim"])
+    assert sorted(by_kind) == sorted(expected) and len(docs) == len(expected)
+
+
+def unknown_fields(instance, schema, path="") -> list[str]:
+    """Fields the schema does not name: a plain JSON Schema validator lets them through, the
+    API server drops them (or refuses them, with strict field validation)."""
+    if isinstance(instance, dict):
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        found = []
+        for key, value in instance.items():
+            if props is not None and key in props:
+                found += unknown_fields(value, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                found += unknown_fields(value, extra, f"{path}.{key}")
+            elif props is not None and not extra and not schema.get("x-kubernetes-preserve-unknown-fields"):
+                found.append(f"{path}.{key}")
+        return found
+    if isinstance(instance, list) and "items" in schema:
+        return [f for i, item in enumerate(instance) for f in unknown_fields(item, schema["items"], f"{path}[{i}]")]
+    return []
 
 
 @pytest.mark.parametrize("kind", ["RayJob", "RayCluster"])
 def test_ray_objects_validate_against_the_kuberay_schemas(rendered, kind):
-    _overlay, by_kind, _docs = rendered
-    schema = json.loads((SCHEMAS / "RayJob.v1.schema.json").read_text())
-    jsonschema.Draft7Validator(schema).validate(by_kind["RayJob"])
+    _name, by_kind, _docs = rendered
+    rayjob = by_kind["RayJob"]
     if kind == "RayCluster":  # the embedded cluster spec must be a valid RayCluster too
-        cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"},
-                   "spec": by_kind["RayJob"]["spec"]["rayClusterSpec"]}
-        jsonschema.Draft7Validator(json.loads((SCHEMAS / "RayCluster.v1.schema.json").read_text())).validate(cluster)
+        rayjob = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"},
+                  "spec": rayjob["spec"]["rayClusterSpec"]}
+    schema = json.loads((SCHEMAS / f"{kind}.v1.schema.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(rayjob)
+    assert unknown_fields(rayjob, schema) == []
 
 
 def test_schema_validation_catches_a_bad_field(rendered):
-    _overlay, by_kind, _docs = rendered
+    _name, by_kind, _docs = rendered
+    schema = json.loads((SCHEMAS / "RayJob.v1.schema.json").read_text())
     bad = json.loads(json.dumps(by_kind["RayJob"]))
-    bad["spec"]["ttlSecondsAfterFinished"] = "ten minutes"
+    bad["spec"]["activeDeadlineSeconds"] = "three hours"
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.Draft7Validator(json.loads((SCHEMAS / "RayJob.v1.schema.json").read_text())).validate(bad)
+        jsonschema.Draft7Validator(schema).validate(bad)
+    bad = json.loads(json.dumps(by_kind["RayJob"]))
+    bad["spec"]["preRunningDeadlineSecond"] = 900  # a typo the schema's own validator lets through
+    assert unknown_fields(bad, schema) == [".spec.preRunningDeadlineSecond"]
 
 
 def test_core_objects_and_pod_templates_validate_against_kubernetes(rendered):
-    _overlay, by_kind, _docs = rendered
+    _name, by_kind, _docs = rendered
     version = kubernetes_validate.latest_version()
     for kind in ("ConfigMap", "PersistentVolumeClaim", "ServiceAccount"):
-        kubernetes_validate.validate(by_kind[kind], version, strict=True)
+        if kind in by_kind:
+            kubernetes_validate.validate(by_kind[kind], version, strict=True)
     for name, spec in pods(by_kind["RayJob"]).items():
         template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": {"spec": spec}}
         kubernetes_validate.validate(template, version, strict=True)
 
 
-def test_entrypoint_is_the_jobs_script_and_runs_a_real_command(rendered):
-    _overlay, by_kind, _docs = rendered
+def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
+    _name, by_kind, _docs = rendered
+    assert by_kind["ServiceAccount"]["automountServiceAccountToken"] is False
+    for name, pod in pods(by_kind["RayJob"]).items():
+        where = f"{name} pod"
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] != 0, where
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod["automountServiceAccountToken"] is False, where  # no API token in a pod that needs none
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod), where
+        assert all(set(v) <= {"name", "persistentVolumeClaim", "configMap", "secret", "emptyDir"}
+                   for v in pod.get("volumes", [])), where  # no hostPath
+        for container in pod["containers"] + pod.get("initContainers", []):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False and not security.get("privileged"), where
+            assert security["capabilities"] == {"drop": ["ALL"]}, where
+            assert security.get("runAsUser", context["runAsUser"]) != 0, where
+            assert "seccompProfile" not in security or security["seccompProfile"]["type"] == "RuntimeDefault", where
+
+
+def test_what_ray_is_told_is_what_each_pod_gets(rendered):
+    """requests == limits everywhere, and `ray start` gets exactly those numbers: the group's
+    rayStartParams, completed from the container's limits as the operator does."""
+    _name, by_kind, _docs = rendered
+    for name, pod in pods(by_kind["RayJob"]).items():
+        for container in pod["containers"]:
+            resources = container["resources"]
+            assert resources["requests"] == resources["limits"], (name, resources)
+            assert {"cpu", "memory"} <= set(resources["limits"]), name
+    for name, (node_type, group) in groups(by_kind["RayJob"]).items():
+        params = ray_start_params(group, node_type)
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(params["memory"]) == quantity(limits["memory"]), name
+        gpus = {k: v for k, v in limits.items() if k.endswith("gpu")}
+        assert int(params.get("num-gpus", 0)) == sum(quantity(v) for v in gpus.values()), name
+        if node_type == "worker":
+            assert int(params["num-cpus"]) == quantity(limits["cpu"]), name
+        else:  # the head schedules no training: Ray gets 0 CPUs and 0 GPUs, the driver the pod's CPUs
+            assert params["num-cpus"] == "0" and params["num-gpus"] == "0" and not gpus
+            assert quantity(limits["cpu"]) >= 1
+
+
+def test_the_operator_mirror_fills_what_rayStartParams_leave_out():
+    """generateRayStartCommand, as tests/helpers/kuberay_local.py mirrors it: CPUs from the
+    limit rounded up, memory in bytes, GPUs from a resource named *gpu; given values win."""
+    group = {"rayStartParams": {"block": "false"},
+             "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": "1500m", "memory": "2Gi",
+                                                                             "nvidia.com/gpu": 1}}}]}}}
+    params = ray_start_params(group, "worker")
+    assert (params["num-cpus"], params["memory"], params["num-gpus"]) == ("2", "2147483648", "1")
+    assert params["address"].endswith(":6379") and params["block"] == "true"
+    command = ray_start_command({**params, "num-cpus": "0", "log-color": "false"}, "worker")
+    assert " --block " in command and " --num-cpus=0 " in command and " --log-color=false " in command
+    group["rayStartParams"] = {"num-cpus": "3", "num-gpus": "0"}
+    assert ray_start_params(group, "head")["num-cpus"] == "3" and ray_start_params(group, "head")["num-gpus"] == "0"
+
+
+def test_settings_reach_replicas_ray_and_the_pods_in_every_overlay(rendered):
+    name, by_kind, _docs = rendered
+    config = settings(by_kind)
+    (group,) = by_kind["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    workers, cpus, gpus = int(config["MNIST_WORKERS"]), int(config["MNIST_CPUS_PER_WORKER"]), int(config["MNIST_GPUS_PER_WORKER"])
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == workers
+    params = ray_start_params(group, "worker")
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert int(params["num-cpus"]) == cpus == quantity(resources["limits"]["cpu"]) == quantity(resources["requests"]["cpu"])
+    assert int(params["memory"]) == quantity(config["MNIST_MEMORY_PER_WORKER"]) == quantity(resources["requests"]["memory"])
+    assert int(params["num-gpus"]) == gpus
+    if gpus:
+        assert quantity(resources["limits"]["nvidia.com/gpu"]) == quantity(resources["requests"]["nvidia.com/gpu"]) == gpus
+    else:
+        assert "nvidia.com/gpu" not in json.dumps(resources)
+    expected = {"big": (4, 4, 0), "scratch-gpu-3x2": (3, 4, 2), "gpu": (2, 2, 1), "cpu": (2, 2, 0)}
+    if name in expected:  # the overlay's own numbers, not the base's (the wiring runs last)
+        assert (workers, cpus, gpus) == expected[name]
+
+
+def test_every_overlay_ends_with_the_wiring():
+    """Without it, an overlay's settings change the ConfigMap but not the RayJob."""
+    for overlay in OVERLAYS:
+        kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+        assert kustomization["transformers"][-1] == "../../wiring", overlay
+    assert yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["transformers"] == ["../wiring"]
+
+
+def test_gpus_on_workers_only_and_the_gpu_image_on_workers_only(rendered):
+    name, by_kind, _docs = rendered
+    rayjob = by_kind["RayJob"]
+    all_pods = pods(rayjob)
+    gpu = int(settings(by_kind)["MNIST_GPUS_PER_WORKER"]) > 0
+    for role in ("head", "submitter"):
+        (container,) = all_pods.pop(role)["containers"]
+        assert "gpu" not in json.dumps(container["resources"]) and container["image"] == CPU_IMAGE, role
+    for pod in all_pods.values():
+        (container,) = pod["containers"]
+        if gpu:
+            assert container["image"] == GPU_IMAGE
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            assert quantity(container["resources"]["limits"]["memory"]) >= 8 * 2**30  # TensorFlow on a GPU + raylet
+        else:
+            assert container["image"] == CPU_IMAGE and "tolerations" not in pod
+    assert gpu == (name in ("gpu", "scratch-gpu-3x2"))
+
+
+def test_head_ports_are_the_ones_ray_listens_on(rendered):
+    """The operator builds the head Service from these named ports; `ray start` listens on its flags'."""
+    _name, by_kind, _docs = rendered
+    head = by_kind["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]
+    ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    params = head["rayStartParams"]
+    assert ports == {"gcs": int(params.get("port", GCS_PORT)), "dashboard": int(params.get("dashboard-port", DASHBOARD_PORT)),
+                     "client": int(params.get("ray-client-server-port", 10001))}
+
+
+def test_lifecycle_deadlines_retries_and_deletion(rendered):
+    name, by_kind, _docs = rendered
+    rayjob = by_kind["RayJob"]
+    spec = rayjob["spec"]
+    assert spec["backoffLimit"] >= 1  # a new cluster resumes the run from its checkpoints
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"  # the submitter pod below is used
+    # Token authentication is on in every overlay: whoever reaches port 8265 could run code otherwise.
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert tuple(map(int, spec["rayClusterSpec"]["rayVersion"].split("."))) >= (2, 52)  # the operator's minimum
+    assert ("kueue.x-k8s.io/queue-name" in rayjob["metadata"]["labels"]) == (name in KUEUE)
+    if name in KUEUE:  # Kueue admits only shutdownAfterJobFinishes: true, which excludes deletionRules
+        assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 0
+        assert "deletionStrategy" not in spec
+        return
+    # KubeRay refuses deletionRules together with shutdownAfterJobFinishes (and so with its TTL).
+    assert not spec.get("shutdownAfterJobFinishes") and not spec.get("ttlSecondsAfterFinished")
+    rules = {(r["condition"].get("jobStatus") or r["condition"]["jobDeploymentStatus"], r["policy"]): r["condition"]["ttlSeconds"]
+             for r in spec["deletionStrategy"]["deletionRules"]}
+    assert rules[("SUCCEEDED", "DeleteCluster")] == 0  # nothing held once the results are on the volume
+    for failed in ("FAILED", "Failed"):  # workers (GPUs) go at once, the head stays for debugging
+        assert rules[(failed, "DeleteWorkers")] == 0 < rules[(failed, "DeleteCluster")]
+    assert all(policy != "DeleteSelf" for _status, policy in rules)  # the RayJob and its logs stay
+
+
+def test_the_entrypoint_runs_the_jobs_script_with_every_setting_as_a_real_flag(rendered, tmp_path):
+    """jobs/pipeline.sh with the ConfigMap as its environment: the `mnist-dist pipeline`
+    command it builds (a stand-in `python` prints it) parses, and carries each setting."""
+    _name, by_kind, _docs = rendered
     entrypoint = by_kind["RayJob"]["spec"]["entrypoint"].split()
-    assert entrypoint[:2] == ["bash", "/app/jobs/pipeline.sh"]  # jobs/ is copied to /app/jobs in the image
-    script = (ROOT / "jobs" / "pipeline.sh").read_text()
-    assert "python -m mnist_dist.cli pipeline" in script
+    assert entrypoint == ["bash", f"{IMAGE_WORKDIR}/jobs/pipeline.sh"]  # jobs/ is copied to /app/jobs in the image
+    (tmp_path / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (tmp_path / "python").chmod(0o755)
+    config = settings(by_kind)
+    proc = subprocess.run(["bash", str(ROOT / "jobs" / "pipeline.sh")], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", **config})
+    assert proc.returncode == 0, proc.stderr
+    argv = proc.stdout.splitlines()
+    assert argv[:3] == ["-m", "mnist_dist.cli", "pipeline"]
     from mnist_dist.cli import build_parser
-    args = build_parser().parse_args(["pipeline", "--workers", "2", "--storage", "/mnt/runs"])
-    assert args.command == "pipeline"
-    dockerfile = (ROOT / "k8s" / "image" / "Dockerfile").read_text()
-    assert "COPY --chown=1000:100 jobs ./jobs" in dockerfile and "WORKDIR /app" in dockerfile
+
+    args = build_parser().parse_args(argv[2:])
+    assert (args.workers, args.epochs, args.cpus_per_worker, args.gpus_per_worker, args.max_failures) == tuple(
+        int(config[k]) for k in ("MNIST_WORKERS", "MNIST_EPOCHS", "MNIST_CPUS_PER_WORKER", "MNIST_GPUS_PER_WORKER",
+                                 "MNIST_MAX_FAILURES"))
+    assert (args.storage, args.name, args.preset) == (config["MNIST_STORAGE"], config["MNIST_RUN_NAME"], config["MNIST_PRESET"])
+    extra = {"MNIST_EXTRA_ARGS": "--train-limit 1024  --augment"}
+    proc = subprocess.run(["bash", str(ROOT / "jobs" / "pipeline.sh"), "--epochs", "3"], capture_output=True, text=True,
+                          timeout=30, env={"PATH": f"{tmp_path}:/usr/bin:/bin", **config, **extra})
+    args = build_parser().parse_args(proc.stdout.splitlines()[2:])
+    assert (args.train_limit, args.augment, args.epochs) == (1024, True, 3)  # arguments win over settings
 
 
-def test_storage_is_the_mounted_volume_on_every_pod(rendered):
-    _overlay, by_kind, _docs = rendered
-    storage = by_kind["ConfigMap"]["data"]["MNIST_STORAGE"]
-    assert '--storage "${MNIST_STORAGE' in (ROOT / "jobs" / "pipeline.sh").read_text()
-    claim = by_kind["PersistentVolumeClaim"]["metadata"]["name"]
-    for name, spec in pods(by_kind["RayJob"]).items():
-        volumes = {v["name"]: v for v in spec["volumes"]}
+def test_storage_is_the_mounted_volume_or_the_object_store(rendered):
+    name, by_kind, docs = rendered
+    config = settings(by_kind)
+    if name == "s3":  # no PVC, no volume path left anywhere, credentials by reference from a Secret
+        assert config["MNIST_STORAGE"].startswith("s3://") and "MNIST_DIST_CACHE" not in config
+        assert "/mnt/runs" not in json.dumps(docs) and "persistentVolumeClaim" not in json.dumps(docs)
+        for role in ("head", "workers"):
+            (container,) = pods(by_kind["RayJob"])[role]["containers"]
+            assert {"secretRef": {"name": "mnist-s3-credentials"}} in container["envFrom"], role
+        return
+    storage = config["MNIST_STORAGE"]
+    assert config["MNIST_DIST_CACHE"].startswith(storage + "/")  # MNIST downloaded once, into the volume
+    claim = by_kind["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"]
+    for role, spec in pods(by_kind["RayJob"]).items():
         (container,) = spec["containers"]
+        if role == "submitter":  # runs only `ray job submit`: no volume, no settings
+            assert "volumes" not in spec and "envFrom" not in container
+            continue
+        volumes = {v["name"]: v for v in spec["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-        assert storage in mounts, f"{name} does not mount {storage}"
-        assert volumes[mounts[storage]]["persistentVolumeClaim"]["claimName"] == claim
+        assert storage in mounts, f"{role} does not mount {storage}"
+        assert volumes[mounts[storage]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
         assert {"configMapRef": {"name": by_kind["ConfigMap"]["metadata"]["name"]}} in container["envFrom"]
 
 
-def test_worker_count_matches_replicas(rendered):
-    _overlay, by_kind, _docs = rendered
-    workers = int(by_kind["ConfigMap"]["data"]["MNIST_WORKERS"])
-    (group,) = by_kind["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == workers
-    assert '--workers "${MNIST_WORKERS' in (ROOT / "jobs" / "pipeline.sh").read_text()
-
-
-def test_requests_limits_non_root_and_lifecycle(rendered):
-    _overlay, by_kind, _docs = rendered
-    spec = by_kind["RayJob"]["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-    for name, pod in pods(by_kind["RayJob"]).items():
-        assert pod["serviceAccountName"] == by_kind["ServiceAccount"]["metadata"]["name"]
-        assert pod["securityContext"]["runAsNonRoot"] is True
+def test_no_secrets_in_the_manifests(rendered):
+    _name, by_kind, _docs = rendered
+    assert "Secret" not in by_kind
+    assert not [k for k in settings(by_kind) if re.search(r"(?i)password|secret|token|credential|_key", k)]
+    for pod in pods(by_kind["RayJob"]).values():
         for container in pod["containers"]:
-            for part in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(container["resources"][part]), (name, part)
+            assert "env" not in container  # settings arrive through the ConfigMap; secrets by reference only
+            assert all(set(source) <= {"configMapRef", "secretRef"} for source in container.get("envFrom", []))
 
 
-def test_gpus_on_workers_only_in_the_gpu_overlay(rendered):
-    overlay, by_kind, _docs = rendered
-    all_pods = pods(by_kind["RayJob"])
-    head = all_pods.pop("head")
-    assert "nvidia.com/gpu" not in json.dumps(head["containers"][0]["resources"])
-    gpus = by_kind["ConfigMap"]["data"]["MNIST_GPUS_PER_WORKER"]
-    assert '--gpus-per-worker "${MNIST_GPUS_PER_WORKER' in (ROOT / "jobs" / "pipeline.sh").read_text()
-    for pod in all_pods.values():
-        resources = pod["containers"][0]["resources"]
-        image = pod["containers"][0]["image"]
-        if overlay == "gpu":
-            assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
-            assert gpus == "1" and image.endswith("-gpu")
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-        else:
-            assert "nvidia.com/gpu" not in json.dumps(resources) and gpus == "0" and not image.endswith("-gpu")
+def test_the_readme_pins_the_schemas_operator_and_its_commands_match_the_manifests():
+    readme = (K8S / "README.md").read_text()
+    assert f"--version {OPERATOR}" in readme and f"KubeRay operator {MIN_OPERATOR}" in readme
+    assert "1.4.2" not in readme
+    crd = json.loads((SCHEMAS / "RayJob.v1.schema.json").read_text())["properties"]["spec"]["properties"]
+    assert {"preRunningDeadlineSeconds", "deletionStrategy", "submitterPodTemplate"} <= set(crd)  # >= 1.6.0
+    for overlay in re.findall(r"k8s/overlays/([a-z0-9-]+)", readme):
+        assert overlay in OVERLAYS + README_OVERLAYS, overlay  # "big" is rendered from the README itself
+    for component in re.findall(r"components/([a-z0-9-]+)", readme):
+        assert (K8S / "components" / component / "kustomization.yaml").is_file(), component
+    name = rayjob_of(render(K8S / "overlays" / "cpu"))["metadata"]["name"]
+    assert f"svc/{name}-head-svc" in readme  # the operator names a RayJob's head Service <rayjob>-head-svc
+    # The pod that fetches the model: non-root, pinned, restricted, the volume read-only.
+    overrides = json.loads(re.search(r"--overrides='(\{.*?\})'", readme, re.S).group(1))
+    spec = overrides["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert spec["volumes"][0]["persistentVolumeClaim"] == {"claimName": "mnist-runs", "readOnly": True}
+    assert "busybox" not in readme
 
 
-def test_no_secrets_in_the_manifests():
-    for overlay in OVERLAYS:
-        docs = render(overlay)
-        assert "Secret" not in {doc["kind"] for doc in docs}
-        for doc in docs:
-            if doc["kind"] == "ConfigMap":
-                assert not [k for k in doc["data"] if re.search(r"(?i)password|secret|token|credential|_key", k)]
-            if doc["kind"] == "RayJob":
-                for pod in pods(doc).values():
-                    for container in pod["containers"]:
-                        assert "env" not in container  # settings arrive through the ConfigMap only
+def test_the_dockerfile_writes_as_its_user_and_checks_its_install():
+    dockerfile = (K8S / "image" / "Dockerfile").read_text()
+    steps = [line.split()[0] + " " + line.split()[1] for line in dockerfile.splitlines()
+             if line and not line.startswith(("#", " ")) and len(line.split()) > 1]
+    # /app exists and belongs to the image's user before anything is copied or built there.
+    assert steps.index("USER root") < steps.index("WORKDIR /app") < steps.index("RUN chown") < steps.index("USER 1000:100")
+    assert steps.index("USER 1000:100") < steps.index("COPY --chown=1000:100")
+    assert "chown 1000:100 /app" in dockerfile and "python -m pip check" in dockerfile
+    assert "COPY --chown=1000:100 jobs ./jobs" in dockerfile
+    assert "imagetools inspect" in dockerfile and "@sha256:" in dockerfile  # how to pin the base by digest
+    for key, value in IMAGE_ENV.items():  # what tests/helpers/kuberay_local.py gives every pod
+        assert f"ENV {key}={value}" in dockerfile
+    ray = rayjob_of(render(K8S / "overlays" / "cpu"))["spec"]["rayClusterSpec"]["rayVersion"]
+    assert f"rayproject/ray:{ray}-py311-cpu" in dockerfile and f'"ray[default,train]>={ray[:4]}' in (ROOT / "pyproject.toml").read_text()
 
 
 @pytest.mark.slow
 def test_the_dockerfile_install_works_in_a_fresh_venv(tmp_path, wheel):
     """No Docker engine here: check the image's install step instead. Build the wheel the way
     `pip install .` does, install it into a fresh venv, and resolve the Dockerfile's extra."""
-    dockerfile = (ROOT / "k8s" / "image" / "Dockerfile").read_text()
+    dockerfile = (K8S / "image" / "Dockerfile").read_text()
     assert re.search(r'pip install --no-cache-dir "\.\[\$\{EXTRAS\}\]"', dockerfile)
     assert re.search(r"^ARG EXTRAS=train$", dockerfile, re.M) and "rayproject/ray:2.60.0-py311" in dockerfile
     # The extra resolves against the pinned versions (dry run: nothing is downloaded twice).
@@ -167,9 +407,30 @@ def test_the_dockerfile_install_works_in_a_fresh_venv(tmp_path, wheel):
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     subprocess.run([py, "-m", "pip", "install", "-q", wheel], check=True, timeout=600)
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr  # the Dockerfile's `pip check`
     for script in ("mnist-edge", "mnist-dist"):
         proc = subprocess.run([env_dir / "bin" / script, "--help"], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([py, "-c", "import mnist_edge.runtime, mnist_dist.data; import importlib.util as u; "
                                      "print(u.find_spec('tensorflow') is None)"], capture_output=True, text=True)
     assert proc.stdout.strip() == "True", proc.stderr  # an edge install does not pull TensorFlow
+
+
+@pytest.mark.slow
+def test_the_gpu_image_extra_resolves_for_the_images_python(tmp_path, wheel):
+    """The GPU image's `pip install ".[train-gpu]"`, resolved by pip's own resolver for a fresh
+    CPython 3.11 on x86_64 Linux with glibc 2.35 (rayproject/ray:2.60.0-py311-gpu is built on
+    Ubuntu 22.04), without installing: wheel metadata only, from the package index."""
+    report = tmp_path / "report.json"
+    platforms = [arg for glibc in range(35, 16, -1) for arg in ("--platform", f"manylinux_2_{glibc}_x86_64")]
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                           "--only-binary=:all:", *platforms, "--platform", "manylinux2014_x86_64",
+                           "--python-version", "3.11", "--implementation", "cp", "--target", str(tmp_path / "unused"),
+                           "--report", str(report), f"{wheel}[train-gpu]"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    versions = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+                for item in json.loads(report.read_text())["install"]}
+    assert versions["tensorflow"].startswith("2.21.") and "tensorflow-cpu" not in versions
+    assert {"nvidia-cudnn-cu12", "nvidia-nccl-cu12", "nvidia-cublas-cu12"} <= set(versions)  # tensorflow[and-cuda]
+    assert versions["ray"].startswith("2.60.") and versions["keras"].startswith("3.")

@@ -1,0 +1,60 @@
+"""The rendered RayJob, executed: `kubectl kustomize` of a small overlay on k8s/overlays/cpu,
+then what KubeRay would do with it, without Kubernetes or containers
+(tests/helpers/kuberay_local.py). It proves that the manifest's environment, paths,
+resources and entrypoint agree with each other and with the code."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers.kuberay_local import LocalRayJob, render
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny run, as a user's own overlay would set one: the settings, then the wiring.
+TINY = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../cpu]
+configMapGenerator:
+  - name: mnist-pipeline
+    behavior: merge
+    literals:
+      - MNIST_WORKERS=2
+      - MNIST_CPUS_PER_WORKER=1
+      - MNIST_MEMORY_PER_WORKER=2Gi
+      - MNIST_EPOCHS=1
+      - MNIST_PRESET=smoke
+      # A 1-epoch smoke net is too weak for the 0.1 pp int8 gate (tests/test_export.py covers it).
+      - MNIST_EXTRA_ARGS=--train-limit 1024 --val-size 512 --max-int8-drop 5
+transformers: [../../wiring]
+"""
+
+
+def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(tmp_path, mnist_dir):
+    k8s = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", k8s)
+    (k8s / "overlays" / "tiny").mkdir()
+    (k8s / "overlays" / "tiny" / "kustomization.yaml").write_text(TINY)
+    docs = render(k8s / "overlays" / "tiny")
+    settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    with LocalRayJob(docs, ROOT, tmp_path / "volumes") as job:
+        # MNIST in the volume's cache, as the first run on a cluster downloads it there.
+        cache = Path(job.paths(settings["MNIST_DIST_CACHE"])) / "mnist"
+        cache.mkdir(parents=True)
+        for gz in mnist_dir.glob("*.gz"):
+            shutil.copy(gz, cache)
+        job.start()
+        status, logs = job.submit(timeout=300)
+    assert not job._mine(), "processes of the local cluster outlived it"
+    assert status == "SUCCEEDED", logs[-5000:]
+    # Each pod was started as the operator would: the workers with the CPUs the wiring set.
+    assert "--num-cpus=0" in job.commands["head-0"] and "--memory=4294967296" in job.commands["head-0"]
+    for worker in ("workers-0", "workers-1"):
+        assert "--num-cpus=1 " in job.commands[worker] and "--memory=2147483648 " in job.commands[worker]
+    run = Path(job.paths(settings["MNIST_STORAGE"])) / settings["MNIST_RUN_NAME"]
+    assert run.parent == tmp_path / "volumes" / "mnist-runs"  # the PVC's mount path, mapped
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert report["verified"] is True, report
+    assert "2 worker(s)" in logs and "verified export written to" in logs

@@ -61,7 +61,7 @@ TRAIN_OPTIONS = {
     "--train-limit": ("train_limit", int, "train on the first N remaining images only"),
     "--workers": ("workers", int, "Ray Train workers (default 2)"),
     "--cpus-per-worker": ("cpus_per_worker", int, "CPUs per worker; also sizes its thread pools"),
-    "--gpus-per-worker": ("gpus_per_worker", int, "GPUs per worker (NCCL all-reduce when > 0)"),
+    "--gpus-per-worker": ("gpus_per_worker", float, "GPUs per worker: whole GPUs all-reduce with NCCL; a fraction (0.5) shares a GPU, with RING"),
     "--address": ("address", str, "Ray cluster: auto | ray://host:10001 (default: embedded local Ray)"),
     "--storage": ("storage", str, "run storage: local path, NFS mount or s3:// / gs:// URI (default ./runs)"),
     "--name": ("name", str, "run name; re-use it to resume an interrupted run"),

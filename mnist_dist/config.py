@@ -63,7 +63,7 @@ class TrainConfig:
     # Where and how it runs.
     workers: int = 2
     cpus_per_worker: int = 1
-    gpus_per_worker: int = 0
+    gpus_per_worker: float = 0  # below 1: workers share a GPU (Ray's fractional GPUs)
     # CPU workers that fill their node's CPUs each keep to their own (runtime.cores_to_pin).
     pin_cpus: bool = True
     address: str | None = None  # None: embedded local Ray
@@ -103,6 +103,8 @@ class TrainConfig:
             (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}"),
             (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}"),
+            (self.gpus_per_worker < 1 or float(self.gpus_per_worker).is_integer(),
+             f"--gpus-per-worker must be a fraction below 1 (workers share a GPU) or a whole number, got {self.gpus_per_worker}"),
             (self.learning_rate > 0, f"--lr must be > 0, got {self.learning_rate}"),
             (0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}"),
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}"),

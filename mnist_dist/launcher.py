@@ -76,7 +76,10 @@ def worker_main(config_dict: dict[str, Any]) -> None:
     if pinned and session.rank == 0:
         runtime.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
-    strategy = runtime.make_strategy(use_gpu=config.gpus_per_worker > 0)
+    plan = runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker)
+    if plan.use_gpu and session.rank == 0:
+        runtime.console(runtime.gpu_line(plan, runtime.cluster_size()))
+    strategy = runtime.make_strategy(plan)
     from mnist_dist.loop import TrainingDiverged, train
 
     try:

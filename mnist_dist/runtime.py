@@ -37,13 +37,17 @@ class DevicePlan:
     collective: str  # "NCCL" or "RING"
 
 
-def device_plan(cpus_per_worker: int, gpus_per_worker: int) -> DevicePlan:
-    """What each Ray worker asks for, and which all-reduce fits its device."""
+def device_plan(cpus_per_worker: int, gpus_per_worker: float) -> DevicePlan:
+    """What each Ray worker asks for, and which all-reduce fits its device.
+
+    NCCL only when every worker has a GPU of its own: NCCL refuses two ranks on one device,
+    so workers that share a GPU (Ray's fractional GPUs, --gpus-per-worker 0.5) use RING.
+    """
     resources: dict[str, float] = {"CPU": float(cpus_per_worker)}
     if gpus_per_worker:
         resources["GPU"] = float(gpus_per_worker)
     return DevicePlan(use_gpu=gpus_per_worker > 0, resources_per_worker=resources,
-                      collective="NCCL" if gpus_per_worker else "RING")
+                      collective="NCCL" if gpus_per_worker >= 1 else "RING")
 
 
 def cores_to_pin(local_rank: int, local_world_size: int, cpus_per_worker: int, allowed: set[int]) -> set[int] | None:
@@ -152,16 +156,24 @@ def cluster_size() -> int:
     return len(spec.get("cluster", {}).get("worker", [])) or 1
 
 
-def make_strategy(use_gpu: bool):
+def make_strategy(plan: DevicePlan):
     """MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else the default."""
     import tensorflow as tf
 
     if cluster_size() <= 1:
         return tf.distribute.get_strategy()
-    plan = device_plan(1, 1 if use_gpu else 0)
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=getattr(tf.distribute.experimental.CommunicationImplementation, plan.collective))
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def gpu_line(plan: DevicePlan, workers: int) -> str:
+    """What a GPU worker sees, for the log (scripts/gpu-check.sh reads it)."""
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    return (f"GPU worker: TensorFlow sees {len(devices)} GPU(s) ({', '.join(devices) or 'none'}); "
+            f"collective {plan.collective if workers > 1 else 'none (one worker)'}")
 
 
 def console(message: str) -> None:

@@ -176,7 +176,7 @@ def local_ray_options(config: TrainConfig) -> dict[str, Any]:
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     # The dashboard is about ten more processes, and while a run trains it answers that
     # cleaner's State API query every second. Without it, a 2-worker run on 2 cores
-    # finished 2.2-2.8 s sooner and trained 1-6% faster (two interleaved pairs; README).
+    # finished 2.2-2.8 s sooner and trained 1-6% faster (two interleaved pairs; docs/benchmarks.md).
     return {"num_cpus": max(os.cpu_count() or 1, config.workers * config.cpus_per_worker),
             "include_dashboard": config.dashboard}
 

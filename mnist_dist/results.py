@@ -1,4 +1,4 @@
-"""The two files a finished run leaves for what comes next (schema in README.md):
+"""The two files a finished run leaves for what comes next (schema in docs/design.md):
 
 - `best.json`: pointer to the best checkpoint by validation accuracy (read by `export --run`);
 - `result.json`: the run's outcome for pipelines and CI.

@@ -56,7 +56,7 @@ def cores_to_pin(local_rank: int, local_world_size: int, cpus_per_worker: int, a
     Only when the run's workers on this node ask Ray for exactly the CPUs the process may
     use: then Ray schedules no other CPU work there, and each worker gets its own block.
     Two one-CPU workers on a 2-core VM whose threads the OS moved between the cores
-    trained 1-8% slower than pinned ones (six of six interleaved pairs; see README). In a
+    trained 1-8% slower than pinned ones (six of six interleaved pairs; see docs/benchmarks.md). In a
     container whose CPU quota is smaller than the host's core list, the counts differ and
     nothing is pinned.
     """

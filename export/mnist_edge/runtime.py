@@ -9,7 +9,7 @@ import numpy as np
 
 from mnist_edge.errors import EdgeError
 
-# Metadata keys written by `mnist-dist export` (see README: export/report.json schema).
+# Metadata keys written by `mnist-dist export` (see docs/design.md: the export/report.json schema).
 META_NORMALIZATION = "mnist_dist.normalization"
 META_LABELS = "mnist_dist.labels"
 # ONNX Runtime session settings the model needs to run at its best, as JSON, e.g.

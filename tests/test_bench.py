@@ -1,10 +1,13 @@
 """Each benchmark once, in its smallest form: they run and report; no timing is asserted."""
 import json
 
+import pytest
+
 from conftest import run_cli
 from mnist_dist.bench.tta import first_reaching
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
     out = tmp_path / "train.json"
     proc = run_cli("bench", "train", "--model", "lenet5", "--steps", "3", "--global-batch", "32", "--workers", "1",
@@ -24,6 +27,7 @@ def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
     assert figures["machine"]["cores"] >= 1 and "keras" in figures["machine"]["versions"]
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_infer_measures_tensorflow_and_both_onnx_models(exported, tmp_path):
     out = tmp_path / "infer.json"
     proc = run_cli("bench", "infer", "--export", exported["dir"], "--iterations", "20", "--profile", "--json", out)
@@ -50,6 +54,7 @@ def test_bench_infer_refuses_a_missing_export(tmp_path):
     assert proc.returncode == 2 and "no report.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
     out = tmp_path / "tta.json"
     proc = run_cli("bench", "tta", "--preset", "smoke", "--workers", "1", "--epochs", "1", "--eval-every", "8",
@@ -64,6 +69,7 @@ def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
     assert "time to 50.0% test accuracy" in proc.stdout or "did not reach" in proc.stdout
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_tta_in_process_runs_without_ray(tmp_path):
     out = tmp_path / "tta.json"
     proc = run_cli("bench", "tta", "--in-process", "--preset", "smoke", "--epochs", "1", "--eval-every", "16",
@@ -74,6 +80,7 @@ def test_bench_tta_in_process_runs_without_ray(tmp_path):
     assert [p["step"] for p in figures["probes"]] == [16, 32, 32]
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_startup_compares_a_run_with_ray_trains_floor(tmp_path):
     out = tmp_path / "startup.json"
     proc = run_cli("bench", "startup", "--train-limit", "1024", "--json", out)

@@ -10,6 +10,7 @@ from mnist_dist.config import TrainConfig
 from mnist_dist.loop import DirectorySession, train
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
     helper = Path(__file__).parent / "helpers" / "mirrored_check.py"
     proc = subprocess.run([sys.executable, str(helper), str(mnist_dir)], capture_output=True, text=True, timeout=300)

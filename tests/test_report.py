@@ -10,6 +10,7 @@ from mnist_dist import summaries
 from mnist_dist.report import confusion_matrix, grid_indices
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_tensorboard_events_hold_every_scalar_and_the_graph(ray_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -39,6 +40,7 @@ def assert_real_picture(path, min_size=(400, 300)):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, f"{path.name} has almost no content"
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_report_of_a_real_run_with_baselines_and_export(ray_run, exported):
     run_dir = ray_run["run_dir"]
     proc = run_cli("baseline", "--run", run_dir, "--epochs", "2", "--train-limit", "4096", "--val-size", "1000")

@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BASELINES_FILE = "baselines.json"
 NAMES = ("logreg", "mlp")
 
 
 def build(name: str, hidden: int = 512):
+    from mnist_dist.runtime import import_tensorflow
+
+    import_tensorflow()
     import keras
     from keras import layers
 
@@ -63,9 +67,9 @@ def run(config, names=NAMES, epochs: int = 10, out: str | Path | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     from mnist_dist import objectstore, ownership
     from mnist_dist.checkpoint import write_json_atomic
-    from mnist_dist.loop import load_data
+    from mnist_dist.data import load_for
 
-    data = load_data(config)
+    data = load_for(config)
     log(data.describe())
     rows = []
     for name in names:
@@ -75,7 +79,7 @@ def run(config, names=NAMES, epochs: int = 10, out: str | Path | None = None,
             f"{100 * row['val_accuracy']:.2f}%, test {100 * row['test_accuracy']:.2f}% ({row['train_seconds']:.0f} s)")
         rows.append(row)
     result = {"baselines": rows, "data_source": data.source, "val_size": config.val_size,
-              "train_images": int(len(data.train_y))}
+              "train_images": len(data.train_y)}
     if out:
         result = {ownership.MADE_BY: MADE_BY, **result}
         if objectstore.is_uri(out):  # a URI run's baselines.json, one put

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mnist_dist.errors import MnistDistError
+
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(MnistDistError):
     """A checkpoint that cannot be used; the message says which and why."""
 
 
@@ -78,6 +80,9 @@ def restore_into(model, directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(directory: str | os.PathLike):
     """The trained Keras model of a checkpoint, for evaluation and export."""
+    from mnist_dist.runtime import import_tensorflow
+
+    import_tensorflow()
     import keras
 
     state = load_state(directory)

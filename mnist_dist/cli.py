@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from mnist_dist import training
 from mnist_dist.config import MODELS
-
-
-class UserError(Exception):
-    """Raised for input the user can fix; printed as one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from mnist_edge.errors import EdgeError
-
-    errors: list[type[BaseException]] = [UserError, EdgeError]
-    for module, name in (("mnist_dist.data", "DataError"), ("mnist_dist.config", "ConfigError"),
-                         ("mnist_dist.checkpoint", "CheckpointError"), ("mnist_dist.export", "ExportError"),
-                         ("mnist_dist.results", "RunError"), ("mnist_dist.ownership", "OwnershipError"),
-                         ("mnist_dist.loop", "TrainingDiverged")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
 
 
 # ---------------------------------------------------------------- data
@@ -40,9 +26,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- train
+# Older names that still work: --allreduce also set the all-gather's dtype, so it was renamed.
+ALIASES = {"--exchange-dtype": ("--allreduce",)}
 TRAIN_OPTIONS = {
     # flag: (config field, type, help)
-    "--model": ("model", str, "tf-tutorial | lenet5 | cnn-bn | cnn-deep"),
+    "--model": ("model", str, " | ".join(MODELS)),
     "--epochs": ("epochs", int, "epochs to train"),
     "--batch-size": ("batch_size", int, "per-worker batch; global batch = batch-size x workers"),
     "--optimizer": ("optimizer", str, "sgd (momentum 0.9) | adam"),
@@ -52,7 +40,7 @@ TRAIN_OPTIONS = {
     "--rotate": ("rotate", float, "with --augment: also rotate training images by up to this many degrees"),
     "--zoom": ("zoom", float, "with --augment: also scale training images by 1 +- this"),
     "--precision": ("precision", str, "fp32 | bf16 (mixed bfloat16, float32 logits; fast only on CPUs with AMX or AVX-512-BF16, and on GPUs)"),
-    "--allreduce": ("allreduce", str, "auto | fp32 | bf16: dtype the workers' gradients (and a big dense layer's gathered inputs and output gradients) travel and are summed in (auto: bf16 when --precision bf16 on CPUs)"),
+    "--exchange-dtype": ("allreduce", str, "auto | fp32 | bf16: dtype the workers' gradients (and a big dense layer's gathered inputs and output gradients) travel and are summed in (auto: bf16 when --precision bf16 on CPUs); also --allreduce"),
     "--seed": ("seed", int, "shuffling and initialisation seed"),
     "--eval-every": ("eval_every", int, "steps between progress lines"),
     "--steps-per-execution": ("steps_per_execution", int, "train steps per tf.function call, as in Keras (default 10)"),
@@ -73,7 +61,7 @@ TRAIN_OPTIONS = {
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", help="default | tutorial | best | smoke (options below override it)")
     for flag, (_field, kind, help_text) in TRAIN_OPTIONS.items():
-        parser.add_argument(flag, type=kind, default=None, help=help_text)
+        parser.add_argument(flag, *ALIASES.get(flag, ()), type=kind, default=None, help=help_text)
     parser.add_argument("--augment", action="store_true", default=None, help="shift training images by up to 2 px")
     parser.add_argument("--synthetic", action="store_true", default=None, help="fake learnable digits instead of MNIST")
     parser.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false", default=None,
@@ -99,21 +87,9 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = run_training(config, in_process=args.in_process)
+    result = training.run(config, in_process=args.in_process)
     print(json.dumps({k: result[k] for k in ("best_epoch", "best_val_accuracy", "test_accuracy", "best_checkpoint")}))
     return 0
-
-
-def run_training(config, in_process: bool = False) -> dict:
-    # Both check the data and settle its path before any worker starts (data.settle_dir).
-    if in_process:
-        from mnist_dist.local import train_in_process
-        return train_in_process(config)
-    from mnist_dist.launcher import stop_ray, train
-    try:
-        return train(config)
-    finally:
-        stop_ray()
 
 
 # ---------------------------------------------------------------- export / predict
@@ -139,8 +115,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """The edge runtime's predict; an export at a URI is read from a local copy (the edge stays pyarrow-free)."""
-    from mnist_dist import objectstore
     from mnist_edge.cli import run
+
+    from mnist_dist import objectstore
 
     if not objectstore.is_uri(args.model):
         return run(args)
@@ -164,7 +141,7 @@ def pipeline(args: argparse.Namespace, config) -> int:
     from mnist_dist import objectstore
     from mnist_dist.export import export, published
 
-    result = run_training(config, in_process=args.in_process)
+    result = training.run(config, in_process=args.in_process)
     out = args.export_dir or objectstore.join(result["run_dir"], "export")
     # Run again (a retried Ray job, a re-applied RayJob), the pipeline finishes what is left.
     previous = published(out)
@@ -221,7 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             workers=tuple(args.workers), json_path=args.json, allreduce=args.allreduce, rounds=args.rounds)
     elif args.kind == "infer":
         from mnist_dist.bench.infer import run
-        run(export=args.export, run_dir=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
+        run(exports=args.export, runs=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
     elif args.kind == "startup":
         from mnist_dist.bench.startup import run
         from mnist_dist.config import TrainConfig
@@ -241,7 +218,8 @@ def add_bench_parsers(sub) -> None:
     k.add_argument("--model", default="tf-tutorial", choices=list(MODELS))
     k.add_argument("--global-batch", type=int, default=256)
     k.add_argument("--precision", default="fp32", help="fp32 | bf16 (mixed bfloat16)")
-    k.add_argument("--allreduce", default="auto", help="auto | fp32 | bf16: gradient all-reduce dtype of the Ray runs")
+    k.add_argument("--exchange-dtype", "--allreduce", dest="allreduce", default="auto",
+                   help="auto | fp32 | bf16: the dtype the Ray runs' gradients travel in")
     k.add_argument("--steps", type=int, default=100, help="global batches per epoch; the second of 2 epochs is timed")
     k.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to measure")
     k.add_argument("--rounds", type=int, default=1, help="measure every setup this many times, round-robin; report medians")
@@ -249,9 +227,8 @@ def add_bench_parsers(sub) -> None:
     k.set_defaults(func=cmd_bench)
 
     k = kinds.add_parser("infer", help="TensorFlow vs ONNX Runtime fp32/int8: batch-1 latency, batch-256 throughput")
-    src = k.add_mutually_exclusive_group(required=True)
-    src.add_argument("--export", help="a verified export directory")
-    src.add_argument("--run", help="a run directory with a verified RUN/export")
+    k.add_argument("--export", action="append", help="a verified export directory; repeat to compare several")
+    k.add_argument("--run", action="append", help="a run directory with a verified RUN/export; repeat to compare several")
     k.add_argument("--iterations", type=int, default=2000, help="batch-1 runs per latency figure")
     k.add_argument("--profile", action="store_true", help="also print ONNX Runtime's per-node times and the weight-read floor")
     k.add_argument("--json", default=None)
@@ -319,18 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
     from mnist_edge.cli import add_arguments
     p = add_arguments(sub.add_parser("predict", help="classify PNG/JPEG/.npy/IDX inputs with an exported model"))
     p.set_defaults(func=cmd_predict)
+
+    from mnist_dist import web_demo
+    p = web_demo.add_arguments(sub.add_parser("serve-demo", help="serve the browser demo (export/web) of a verified export"))
+    p.set_defaults(func=web_demo.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # TensorFlow's C++ INFO and WARNING lines, here and in every process this one starts.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
+        from mnist_edge.errors import EdgeError
+
+        from mnist_dist.errors import MnistDistError
+
+        # The edge runtime's own error: mnist_edge installs without this package's code.
+        if isinstance(exc, (MnistDistError, EdgeError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -6,18 +6,19 @@ checkpoint, so a run can be resumed or exported without the command line that ma
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
-MODELS = ("tf-tutorial", "lenet5", "cnn-bn", "cnn-deep")
+from mnist_dist.errors import MnistDistError
+
+MODELS = ("tf-tutorial", "lenet5", "cnn-bn", "cnn-deep", "edge")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16")
 ALLREDUCE_DTYPES = ("auto", "fp32", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(MnistDistError, ValueError):
     """A configuration value a run cannot use; the message names the fix."""
 
 
@@ -40,15 +41,13 @@ class TrainConfig:
     rotate: float = 0.0  # with augment: also rotate by up to this many degrees
     zoom: float = 0.0  # with augment: also scale by 1 +- zoom
     precision: str = "fp32"
-    # The dtype the workers' gradients are exchanged and summed in. bf16 halves the bytes on
-    # the wire (tf-tutorial at 2 x 128: the all-gather's 2.1 MB a step -> 1.05 MB; see
-    # gradients.py); "auto" follows `precision`.
+    # The dtype the workers' gradients (and a big dense layer's gathered inputs and output
+    # gradients) travel and are summed in: bf16 halves the bytes; "auto" follows `precision`.
     allreduce: str = "auto"
     seed: int = 0
     eval_every: int = 100  # steps between progress lines
-    # Train steps per tf.function call (Keras' steps_per_execution): the steps run in one
-    # in-graph loop, which spares each step the Python call and its dispatch (about 2 ms of
-    # a 26 ms bf16 step on one core). A call always ends at a progress line and an epoch end.
+    # Train steps per tf.function call (Keras' steps_per_execution): one in-graph loop spares
+    # each step the Python call and its dispatch. A call always ends at a progress line and an epoch end.
     steps_per_execution: int = 10
     # Benchmarks only (`bench tta`): also score the test set at each eval interval. The
     # scores are recorded, never used to choose anything.
@@ -85,7 +84,7 @@ class TrainConfig:
             return self.allreduce
         return "bf16" if self.precision == "bf16" and not self.gpus_per_worker else "fp32"
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         numbers = {"--lr": self.learning_rate, "--lr-decay": self.lr_decay, "--l2": self.l2, "--rotate": self.rotate,
                    "--zoom": self.zoom, "momentum": self.momentum}
         for flag, value in numbers.items():
@@ -95,9 +94,9 @@ class TrainConfig:
             (self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose {' or '.join(PRECISIONS)}"),
-            (self.allreduce in ALLREDUCE_DTYPES, f"unknown --allreduce {self.allreduce!r}; choose one of {', '.join(ALLREDUCE_DTYPES)}"),
+            (self.allreduce in ALLREDUCE_DTYPES, f"unknown --exchange-dtype {self.allreduce!r}; choose one of {', '.join(ALLREDUCE_DTYPES)}"),
             (not (self.allreduce == "bf16" and self.gpus_per_worker),
-             "--allreduce bf16 is for CPU workers' ring all-reduce; GPU workers sum in fp32 over NCCL. Fix: drop --allreduce or pass --allreduce fp32"),
+             "--exchange-dtype bf16 is for CPU workers' ring all-reduce; GPU workers sum in fp32 over NCCL. Fix: drop --exchange-dtype or pass --exchange-dtype fp32"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
@@ -133,11 +132,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """From this version's own `to_dict` (the driver to its workers): every key must be known."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -145,12 +142,13 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def known(cls, values: dict[str, Any]) -> "TrainConfig":
-        """From a config saved by an older version: keys it no longer has are dropped."""
+    def from_saved(cls, values: dict[str, Any]) -> TrainConfig:
+        """From a config saved with a run or checkpoint, maybe by another version: keys this
+        version does not have are dropped. The one loader of saved configs."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -165,6 +163,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # best epoch 27; 58 min on 2 cores). cnn-bn with shifts stopped at 99.56%.
     "best": {"model": "cnn-deep", "epochs": 30, "optimizer": "adam", "learning_rate": 0.001, "lr_decay": 0.92,
              "augment": True, "rotate": 10.0, "zoom": 0.1},
+    # The edge model (models.edge): 30 epochs of mildly rotated and zoomed images, global
+    # batch 2 x 64; its export is a few dozen KB (export/README.md has the table).
+    "edge": {"model": "edge", "epochs": 30, "batch_size": 64, "optimizer": "adam", "learning_rate": 0.003,
+             "lr_decay": 0.9, "l2": 0.0, "augment": True, "rotate": 8.0, "zoom": 0.05},
     # Seconds, not minutes: for smoke tests and trying the plumbing.
     "smoke": {"model": "lenet5", "epochs": 2, "optimizer": "sgd", "batch_size": 64, "learning_rate": 0.05, "train_limit": 2048, "val_size": 512, "eval_every": 10},
 }

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from mnist_edge import idx
 from mnist_edge.errors import EdgeError
+
+from mnist_dist.errors import MnistDistError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -41,7 +42,7 @@ PIXEL_SCALE = 255.0
 VALIDATION_DEFAULT = 5000
 
 
-class DataError(Exception):
+class DataError(MnistDistError):
     """Data that cannot be trained on; the message names the file, the problem and the fix."""
 
 
@@ -141,7 +142,9 @@ def dir_on_this_node(settled: str | None) -> Path:
 
 def download_to(directory: Path, names: list[str]) -> None:
     """Fetch the missing files from the first mirror that answers; verified afterwards by `load`."""
-    from keras.utils import get_file  # the training side has Keras; the edge never downloads
+    from keras.utils import (
+        get_file,  # the training side has Keras; the edge never downloads
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -249,3 +252,10 @@ def verify_dir(data_dir: str | os.PathLike | None = None) -> list[str]:
             lines.append(f"  ok  {path.name:<28} {'x'.join(map(str, array.shape)):<11} sha256 {SHA256[FILES[key]][:16]}... (decompressed)")
     lines.append("all 4 files present, checksums match, image and label counts agree")
     return lines
+
+
+def load_for(config) -> Mnist:
+    """The data a run's TrainConfig names: real MNIST from its data_dir, or synthetic."""
+    if config.synthetic:
+        return synthetic(val_size=config.val_size, seed=config.seed, train_limit=config.train_limit)
+    return load(config.data_dir, val_size=config.val_size, train_limit=config.train_limit)

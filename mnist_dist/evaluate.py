@@ -31,10 +31,10 @@ def evaluate_checkpoint(directory: str | Path, config: TrainConfig | None = None
                         split: str = "test") -> tuple[dict[str, Any], dict[str, float]]:
     """(checkpoint state, {"accuracy", "loss"}) on a split of the data the run was trained on."""
     from mnist_dist.checkpoint import load_model
-    from mnist_dist.loop import load_data
+    from mnist_dist.data import load_for
 
     model, state = load_model(directory)
-    config = config or TrainConfig.from_dict(state["config"])
-    data = load_data(config)
+    config = config or TrainConfig.from_saved(state["config"])
+    data = load_for(config)
     images, labels = {"test": (data.test_x, data.test_y), "val": (data.val_x, data.val_y)}[split]
     return state, accuracy_and_loss(predict_logits(model, images), labels)

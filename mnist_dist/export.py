@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION, META_SESSION
 
 from mnist_dist import machine, objectstore, onnx_graph, ownership
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
-from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION, META_SESSION
+from mnist_dist.errors import MnistDistError
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 # What the int8 model asks of ONNX Runtime (see quantize_int8).
@@ -26,7 +27,7 @@ INT8_SESSION = {"disabled_optimizers": ["QDQPropagationTransformer"]}
 SCHEMA_VERSION = 1
 
 
-class ExportError(Exception):
+class ExportError(MnistDistError):
     """An export that cannot be made or was refused; the message says which rule and why."""
 
 
@@ -129,17 +130,15 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, wor
 
     Weights use 7 of their 8 bits (`reduce_range`). x86 CPUs without VNNI (AVX2, and
     AVX-512 before Cascade Lake) multiply u8 x s8 with VPMADDUBSW, whose int16 pairwise
-    sums saturate at full range: on an AMD EPYC (AVX2) a 96.71% model lost 0.44 pp, and
-    0.06 pp with 7-bit weights, at the same speed. The file must be right on whatever
+    sums saturate at full range, which costs accuracy. The file must be right on whatever
     device runs it, not only on the machine that exported it.
 
-    The first convolution stays in fp32. It sees one input channel, where ONNX Runtime's
-    `QLinearConv` took 27-45 µs against 9-13 µs for the fp32 `Conv`; it also keeps the
-    layer that reads raw pixels exact. ONNX Runtime's QDQ propagation would move the next
-    QuantizeLinear above the first max-pool and run that pool in uint8 NCHW (33-51 µs), so
-    the model records that optimizer as one to switch off (`META_SESSION`), and the edge
-    runtime's `open_session` does. With it: 68-69 µs against 87-88 µs for everything in
-    int8; without it, 96-100 µs.
+    The first convolution stays in fp32: it sees one input channel, where ONNX Runtime's
+    `QLinearConv` is slower than the fp32 `Conv`, and it keeps the layer that reads raw
+    pixels exact. ONNX Runtime's QDQ propagation would move the next QuantizeLinear above
+    the first max-pool and run that pool in uint8 NCHW, slowly, so the model records that
+    optimizer as one to switch off (`META_SESSION`), and the edge runtime's `open_session`
+    does. Figures: docs/benchmarks.md#the-int8-models-choices.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -218,7 +217,7 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
     from mnist_dist.config import TrainConfig
     from mnist_dist.data import normalize
     from mnist_dist.evaluate import predict_logits
-    from mnist_dist.loop import load_data
+    from mnist_dist.data import load_for
 
     check_thresholds(tolerance, max_int8_drop_pp, calibration_images)
     if not onnx_graph.MIN_OPSET <= opset <= onnx_graph.MAX_OPSET:
@@ -235,8 +234,8 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
         raise ExportError(f"{ckpt_dir}: no such checkpoint. Fix: pass --run RUN, or the --checkpoint of a run.") from None
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    config = TrainConfig.from_dict(state["config"])
-    data = load_data(config)
+    config = TrainConfig.from_saved(state["config"])
+    data = load_for(config)
     log(f"exporting {config.model} from {ckpt_dir} (epoch {state['epoch']}, validation accuracy {100 * state['val_accuracy']:.2f}%)")
 
     try:
@@ -257,8 +256,11 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
                                             "formula": "(pixel - offset) / scale", "pixels": "uint8, white digit on black"}),
             META_LABELS: json.dumps([str(i) for i in range(10)]),
             "mnist_dist.model": config.model,
-            "mnist_dist.run": run_dir or "",
+            # The run's name and the checkpoint's digest: what identifies the weights on any
+            # machine, where the training machine's paths would mean nothing.
+            "mnist_dist.run": config.name or objectstore.name(str(run_dir or ckpt_dir)),
             "mnist_dist.checkpoint": checkpoint_name(ckpt_dir, run_dir),
+            "mnist_dist.checkpoint_sha256": state["model_sha256"],
             "mnist_dist.opset": str(opset),
         }
         onnx_graph.set_metadata(proto, metadata)
@@ -291,7 +293,7 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
             "rules": rules,
             "fp32": sections["fp32"],
             "int8": sections["int8"],
-            "test_images": int(len(data.test_y)),
+            "test_images": len(data.test_y),
             "data_source": data.source,
             "model": config.model,
             "checkpoint": checkpoint_name(ckpt_dir, run_dir),  # relative to the run: a copied run stays whole

@@ -13,23 +13,7 @@ Two ways to exchange, chosen per layer by the bytes each sends (`gathers_inputs`
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
-
-
-def take_over_gradient_sum(optimizer) -> None:
-    """Stops `optimizer` from all-reducing the gradients it is given: the train step sums them.
-
-    Keras' TensorFlow optimizer sums replicas' gradients in `_all_reduce_sum_gradients`, its
-    one hook for aggregation (what tf_keras called `experimental_aggregate_gradients`). The
-    step sums them itself, in fp32 or bf16, so the optimizer must not sum them again.
-    """
-    import keras
-
-    if not hasattr(optimizer, "_all_reduce_sum_gradients"):
-        raise RuntimeError(f"Keras {keras.__version__}'s optimizer has no `_all_reduce_sum_gradients` hook; "
-                           "mnist-dist needs the Keras version in pyproject.toml. Fix: pip install -e .")
-    optimizer._all_reduce_sum_gradients = list
+from collections.abc import Callable
 
 
 def exchange_dtype(allreduce: str):
@@ -41,9 +25,8 @@ def exchange_dtype(allreduce: str):
 def gradient_sum(allreduce: str) -> Callable:
     """Sums the replicas' gradients in `allreduce` ("fp32", "bf16", or "none" for one replica).
 
-    On CPU workers the ring all-reduce runs over gRPC and the step waits for it: with two
-    one-core workers it took 17 ms of every fp32 step of tf-tutorial (6.6 MB of gradients),
-    and 27 ms of a 75 ms bf16 step. In bf16, half the bytes, half of that. Every replica still
+    On CPU workers the ring all-reduce runs over gRPC and the step waits for it; in bf16 it
+    sends half the bytes (docs/benchmarks.md#where-a-2-worker-step-goes). Every replica still
     receives the same sum, so the weights stay identical and every step stays synchronous;
     the cost is bf16's 8-bit mantissa on the gradients, which mixed-bf16 training already pays.
     """
@@ -97,8 +80,11 @@ def gathered_dense_layers(model, local_batch: int, replicas: int) -> list:
     """The model's dense layers whose gradients travel as gathered inputs and output gradients."""
     import keras
 
+    # Only a linear Dense layer's output is the pre-activation Z whose gradient the rebuild
+    # needs; mnist_dist.models puts activations in layers of their own for that.
     return [layer for layer in model.layers
             if isinstance(layer, keras.layers.Dense) and layer.bias is not None
+            and layer.activation is keras.activations.linear
             and gathers_inputs(tuple(layer.kernel.shape), local_batch, replicas)]
 
 
@@ -110,35 +96,6 @@ def describe(model, local_batch: int, replicas: int, allreduce: str) -> str:
     if not gathered:
         return f"; gradients all-reduced in {allreduce}"
     return f"; gradients summed in {allreduce}, in one all-gather ({', '.join(gathered)}: as inputs and output gradients)"
-
-
-@contextlib.contextmanager
-def dense_taps(layers) -> Iterator[dict]:
-    """While the forward pass is traced, records each dense layer's input X and its
-    pre-activation output Z (`seen[layer] = [X, Z]`), so the step can ask the tape for dL/dZ.
-
-    Keras' Dense applies its activation inside its own `call`, so Z is no layer's output.
-    The taps wrap the layers' `call` and `activation` for the trace only, and put them back
-    before anything can save the model.
-    """
-    seen: dict = {}
-    originals = [(layer, layer.activation) for layer in layers]
-    for layer, activation in originals:
-        def tapped_call(inputs, *args, _layer=layer, _call=layer.call, **kwargs):
-            seen[_layer] = [inputs]
-            return _call(inputs, *args, **kwargs)
-
-        def tapped_activation(z, _layer=layer, _activation=activation):
-            seen[_layer].append(z)
-            return _activation(z)
-
-        layer.call, layer.activation = tapped_call, tapped_activation
-    try:
-        yield seen
-    finally:
-        for layer, activation in originals:
-            del layer.call  # the class's method again
-            layer.activation = activation
 
 
 class GradientExchange:
@@ -153,23 +110,33 @@ class GradientExchange:
     """
 
     def __init__(self, model, local_batch: int, replicas: int, allreduce: str):
+        self.model = model
         self.variables = model.trainable_variables
         self.allreduce = allreduce if replicas > 1 else "none"
         self.sum_all = gradient_sum(self.allreduce)
         self.gathered = gathered_dense_layers(model, local_batch, replicas)
         skip = {id(v) for layer in self.gathered for v in (layer.kernel, layer.bias)}
         self.others = [v for v in self.variables if id(v) not in skip]
+        self.tapped = None
+        if self.gathered:
+            import keras
 
-    def recording(self):
-        """Wrap the forward pass (inside the tape) in this; pass what it yields to the call."""
-        return dense_taps(self.gathered)
+            # The same layers and weights, also returning each gathered layer's input X and
+            # output Z, so that the tape can give dL/dZ.
+            taps = [t for layer in self.gathered for t in (layer.input, layer.output)]
+            self.tapped = keras.Model(model.inputs[0], [model.outputs[0], *taps])
 
-    def __call__(self, tape, loss, seen: dict) -> list:
+    def forward(self, images, training: bool = True):
+        """The logits, and the [X, Z] of each gathered layer; call inside the tape."""
+        if self.tapped is None:
+            return self.model(images, training=training), []
+        logits, *flat = self.tapped(images, training=training)
+        return logits, list(zip(flat[0::2], flat[1::2]))
+
+    def __call__(self, tape, loss, taps: list) -> list:
         if not self.gathered:
             return self.sum_all(tape.gradient(loss, self.variables))
         import tensorflow as tf
-
-        taps = [seen[layer] for layer in self.gathered]  # [X, Z] each
         grads = tape.gradient(loss, self.others + [z for _, z in taps])
         other_grads, output_grads = grads[:len(self.others)], grads[len(self.others):]
         wire = exchange_dtype(self.allreduce)
@@ -187,44 +154,3 @@ class GradientExchange:
         for variable, grad, piece in zip(self.others, other_grads, pieces[2 * n:]):
             summed[id(variable)] = tf.reshape(tf.cast(tf.reduce_sum(piece, axis=0), grad.dtype), grad.shape)
         return [tf.cast(summed[id(v)], v.dtype) for v in self.variables]
-
-
-def fuse_update_step(optimizer, model) -> None:
-    """Runs `optimizer`'s per-variable update, with the weight penalty's gradient, as XLA programs.
-
-    Autodiff builds the penalty's gradient (2 * l2 * w) from five full-size passes over each
-    dense kernel, and Keras' Adam updates a variable in ten more; XLA fuses each variable's
-    share into one pass. On one core that took penalty and update from about 10 ms to 3 ms a
-    step for tf-tutorial's 1.66M weights, a cost every worker pays in full for the whole model.
-    The penalty joins the gradient after the all-reduce: every replica adds the same penalty
-    gradient to the same sum, which is the gradient of the penalized loss. The convolutions
-    stay outside XLA, on oneDNN.
-    """
-    import tensorflow as tf
-
-    regularizers = [getattr(v, "regularizer", None) for v in model.trainable_variables]
-    keras_update_step = optimizer.update_step
-    programs: dict[int, Callable] = {}
-
-    def program_for(variable):
-        # One program per variable: each closes over its own variable and slots, so a trace
-        # is never shared between two variables of the same shape.
-        regularizer = regularizers[optimizer._get_variable_index(variable)]
-
-        def update(gradient, learning_rate):
-            if regularizer is not None:
-                with tf.GradientTape() as tape:
-                    penalty = regularizer(variable)
-                gradient = gradient + tf.cast(tape.gradient(penalty, variable), gradient.dtype)
-            keras_update_step(gradient, variable, learning_rate)
-
-        return tf.function(update, jit_compile=True)
-
-    def update_step(gradient, variable, learning_rate):
-        if id(variable) not in programs:
-            programs[id(variable)] = program_for(variable)
-        programs[id(variable)](gradient, learning_rate)
-
-    optimizer.update_step = update_step
-
-

@@ -6,51 +6,20 @@ and leaves best.json and result.json in the run directory (see mnist_dist.result
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from mnist_dist import objectstore, results, rundir
-from mnist_dist.rundir import run_dir, storage_path
+from mnist_dist import compat, objectstore, results, rundir
 from mnist_dist.config import TrainConfig
+from mnist_dist.rundir import run_dir, storage_path
+from mnist_dist.sessions import RaySession
 
 # Test hook: when set, each worker writes `rank<R>.pid` and `rank<R>.node` (its Ray node ID) there,
 # so a test can kill a real worker, or its whole node, and see where each rank ran.
 PID_DIR_ENV = "MNIST_DIST_PID_DIR"
-
-
-class RaySession:
-    """The loop's view of Ray Train: rank, restore, and report-with-checkpoint."""
-
-    def __init__(self, run_dir: str) -> None:
-        import ray.train
-
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.local_rank, self.local_world_size = context.get_local_rank(), context.get_local_world_size()
-        self.run_dir = run_dir
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:  # downloads when storage is remote
-            yield Path(directory)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path, epoch: int) -> None:
-        import ray.train
-
-        # Ray Train V2 keeps metrics only when they come with a checkpoint, and report()
-        # is a barrier: every rank reports, each adding its files to the same folder.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-                         checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
 
 
 DIVERGED_FILE = "diverged.json"  # rank 0 tells the driver that the loss stopped being a number
@@ -80,10 +49,11 @@ def worker_main(config_dict: dict[str, Any]) -> None:
     if plan.use_gpu and session.rank == 0:
         runtime.console(runtime.gpu_line(plan, runtime.cluster_size()))
     strategy = runtime.make_strategy(plan)
-    from mnist_dist.loop import TrainingDiverged, train
+    from mnist_dist.loop import Trainer, TrainingDiverged
 
+    trainer = Trainer(config, session, strategy=strategy, log=runtime.console)
     try:
-        train(config, session, strategy=strategy, log=runtime.console)
+        trainer.run()
     except TrainingDiverged as exc:
         # Every rank checks the same all-reduced loss, so all stop at this step together and
         # return: the driver prints rank 0's one line, and Ray Train's controller logs no
@@ -121,16 +91,11 @@ def init_ray(config: TrainConfig) -> None:
     elif address:  # an existing cluster: `auto` or `ray://host:10001`
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        # Ray Train's preemption watcher is one more actor process to start on every run,
-        # and it logs an error line at start-up; one local machine has nothing to preempt.
-        # The driver's values below propagate to Ray Train's controller.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # The controller polls its workers every 2 s by default, and each phase of start-up
-        # and teardown waits for a poll: a no-op 2-worker Ray Train run took 18.4 s of wall
-        # time here, 15.0-15.9 s when polling every 0.5 s, and without the dashboard 13.1-13.7 s
-        # at 0.5 s against 11.3-12.6 s at 0.2 s. Training speed did not change (two pairs),
-        # and `train --epochs 1` spent 18.2-19.9 s outside training at 0.2 s, 18.8-19.2 s at 0.5 s.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        # Propagated from the driver to Ray Train's controller; see compat.LOCAL_RAY_TRAIN_ENV.
+        compat.set_default_env(compat.LOCAL_RAY_TRAIN_ENV)
+        # Token authentication stays on, as Ray 2.60 does by default for a new local Ray;
+        # said explicitly, Ray skips its start-up warning that one may opt out.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         if not config.dashboard:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_placement_group_cleaner"
         # address="local": always a Ray of its own. Without it, ray.init() joins any cluster a
@@ -142,11 +107,9 @@ def init_ray(config: TrainConfig) -> None:
 def stop_ray() -> None:
     """Stops the embedded local Ray, or disconnects from a cluster, once the run is over.
 
-    Left to interpreter exit, Ray first sleeps 0.5 s so that workers' log lines can finish
-    printing; once the run's results are printed, the workers' last lines are long in. A
-    process ended 2.05 s after its last line that way and 1.54 s after it with an explicit
-    `ray.shutdown()` (two runs each). What follows in the same process (the pipeline's
-    export) also gets the CPUs the Ray processes held.
+    Left to interpreter exit, Ray first waits so that workers' log lines can finish
+    printing, which they long have once the run's results are printed. What follows in the
+    same process (the pipeline's export) also gets the CPUs the Ray processes held.
     """
     import ray
 
@@ -163,20 +126,20 @@ def quiet_placement_group_cleaner() -> None:
     """
     import logging
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    from mnist_dist import compat
+
+    logging.getLogger(compat.PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def local_ray_options(config: TrainConfig) -> dict[str, Any]:
     """`ray.init` arguments of the embedded local Ray (no address)."""
     if not config.dashboard:
-        # Without the dashboard there is no State API for Ray Train's state actor to poll.
         # Its placement-group cleaner cannot check on the controller either (its warnings are
         # quieted by `quiet_placement_group_cleaner`); on one machine the driver's Ray
         # shutdown removes the placement group anyway.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-    # The dashboard is about ten more processes, and while a run trains it answers that
-    # cleaner's State API query every second. Without it, a 2-worker run on 2 cores
-    # finished 2.2-2.8 s sooner and trained 1-6% faster (two interleaved pairs; docs/benchmarks.md).
+        compat.set_default_env(compat.NO_DASHBOARD_ENV)
+    # The dashboard is about ten more processes, and it answers that cleaner's State API
+    # query every second while a run trains (docs/benchmarks.md#start-up-bench-startup).
     return {"num_cpus": max(os.cpu_count() or 1, config.workers * config.cpus_per_worker),
             "include_dashboard": config.dashboard}
 
@@ -206,21 +169,21 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
 def keep_ray_on_loopback(config: TrainConfig) -> None:
     """The embedded local Ray listens on 127.0.0.1 only, unless --expose-ray.
 
-    Ray 2.60 has no bind-address option. Its single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-    read once when `ray` is imported) gives every Ray process the loopback address as its
-    node IP, and each listens there; tests/test_security.py checks every listener.
+    See compat.LOOPBACK_ENV; tests/test_security.py checks every listener.
     """
     if config.address or config.expose_ray or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "ray" in sys.modules:
         return  # a cluster of several nodes, asked to, or too late (ray already imported in this process)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    compat.set_default_env(compat.LOOPBACK_ENV)
 
 
 def _fit(config: TrainConfig, log) -> dict[str, Any]:
     keep_ray_on_loopback(config)  # before `import ray`
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, WorkerGroupError
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    compat.ray_checked()
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, WorkerGroupError
 
     from mnist_dist.ray_backend import TfConfig
+
+    DataParallelTrainer = compat.data_parallel_trainer()
 
     started = time.perf_counter()
     init_ray(config)
@@ -239,6 +202,9 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
                                                checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            # Ray Train's INFO lines (resources requested, worker group started) are not the
+            # user's business on a healthy run; its warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:
@@ -258,7 +224,7 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
     if not result.best_checkpoints:
         raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run_dir(config)})")
     scored = result.metrics.get("test")  # rank 0 scores the best weights on the test set when it has them
-    best_checkpoint, best_metrics = pick_best(result.best_checkpoints, scored["epoch"] if scored else None)
+    best_checkpoint, best_metrics = pick_best(result.best_checkpoints)
     if scored and best_metrics["epoch"] != scored["epoch"]:
         scored = None
     history = state_history(result)
@@ -267,11 +233,11 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
                               wall_seconds, log, eval_dir=directory, test=scored)
 
 
-def pick_best(checkpoints: list, epoch: int | None):
-    """The (checkpoint, metrics) with the highest validation accuracy; `epoch` settles a tie."""
-    top = max(metrics["val_accuracy"] for _, metrics in checkpoints)
-    tied = [pair for pair in checkpoints if pair[1]["val_accuracy"] == top]
-    return next((pair for pair in tied if pair[1]["epoch"] == epoch), min(tied, key=lambda pair: pair[1]["epoch"]))
+def pick_best(checkpoints: list):
+    """The (checkpoint, metrics) of Ray's kept checkpoints whose epoch `results.best_epoch`
+    picks: the rule rank 0 used when it scored the best weights."""
+    epoch = results.best_epoch([metrics for _, metrics in checkpoints])
+    return next(pair for pair in checkpoints if pair[1]["epoch"] == epoch)
 
 
 def state_history(result) -> list[dict[str, Any]]:

@@ -23,7 +23,8 @@ def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
 
 def _train(config: TrainConfig, log) -> dict[str, Any]:
     from mnist_dist import results, rundir, runtime
-    from mnist_dist.loop import DirectorySession, best_epoch, train
+    from mnist_dist.loop import train
+    from mnist_dist.sessions import DirectorySession
 
     runtime.configure_process(config.cpus_per_worker, use_gpu=False)
     run_dir = rundir.run_dir(config)
@@ -31,7 +32,7 @@ def _train(config: TrainConfig, log) -> dict[str, Any]:
     started = time.perf_counter()
     final = train(config, session, log=log)
     history = final["history"]
-    best = next(m for m in history if m["epoch"] == best_epoch(history))
+    best = next(m for m in history if m["epoch"] == results.best_epoch(history))
     best_dir = f"{run_dir}/checkpoint_epoch{best['epoch']:03d}"
     return results.finish(config, run_dir, best_dir, best, history[-1], history, time.perf_counter() - started, log,
                           test=final.get("test"))

@@ -37,8 +37,8 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 def slow_bf16_warning(flags: set[str] | None = None) -> str | None:
     """A warning when this x86 CPU cannot compute in bfloat16, else None.
 
-    On an AMD EPYC with AVX2 only, the project's step trained at 95 img/s in mixed bf16
-    against 879 img/s in fp32. CPUs that list no x86 flags (ARM) are not judged.
+    There TensorFlow emulates bf16, many times slower than fp32 (docs/benchmarks.md).
+    CPUs that list no x86 flags (ARM) are not judged.
     """
     flags = _cpuinfo()[1] if flags is None else flags
     if not flags or any(flag in flags for flag in BF16_FLAGS):

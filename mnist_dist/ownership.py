@@ -15,6 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
+from mnist_dist import objectstore
+from mnist_dist.errors import MnistDistError
+
 MARKER = ".mnist-dist.json"
 MADE_BY = "made_by"  # the key that claims a single JSON output file (check_file_replaceable)
 # What each kind of directory may hold, besides the marker.
@@ -27,7 +30,7 @@ KINDS = {
 RUN_FILES = ("best.json", "result.json", "checkpoint_epoch*", "checkpoint_manager_snapshot.json")
 
 
-class OwnershipError(Exception):
+class OwnershipError(MnistDistError):
     """A directory mnist-dist will not replace; the message names it and the fix."""
 
 
@@ -60,7 +63,7 @@ def _judge(entries: list[tuple[str, bool]], marker: str | bytes | None, kind: st
 
 def why_not_replaceable(target: str | os.PathLike, kind: str, protected: tuple = ()) -> str | None:
     """None when `target` (a folder or a URI prefix) may be replaced by a new one of `kind`; else the reason."""
-    if "://" in str(target):
+    if objectstore.is_uri(str(target)):
         return _why_not_replaceable_uri(str(target), kind, tuple(str(p) for p in protected))
     target = Path(target)
     if target.is_symlink():
@@ -71,7 +74,7 @@ def why_not_replaceable(target: str | os.PathLike, kind: str, protected: tuple =
         return "exists and is not a directory"
     resolved = target.resolve()
     for path in protected:
-        if "://" in str(path):
+        if objectstore.is_uri(str(path)):
             continue
         path = Path(path).resolve()
         if path == resolved or resolved in path.parents:
@@ -82,8 +85,6 @@ def why_not_replaceable(target: str | os.PathLike, kind: str, protected: tuple =
 
 
 def _why_not_replaceable_uri(target: str, kind: str, protected: tuple[str, ...]) -> str | None:
-    from mnist_dist import objectstore
-
     bare = objectstore.without_query(target)
     for path in protected:
         path = objectstore.without_query(path)
@@ -133,8 +134,6 @@ def publish_uri(staged: Path, target: str, kind: str, commit: str, protected: tu
     the new one is written after the new files. Cut off at any point, the prefix holds no
     commit record, so nothing takes it for a finished one, and the next run may replace it.
     """
-    from mnist_dist import objectstore
-
     check_replaceable(target, kind, protected, fix)
     old = [name for name, _ in objectstore.listing(target) if name != MARKER]
     objectstore.write_bytes(objectstore.join(target, MARKER), (staged / MARKER).read_bytes())

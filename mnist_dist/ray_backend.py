@@ -3,7 +3,7 @@
 It does what `ray.train.tensorflow.TensorflowConfig` does, minus two things. Importing
 `ray.train.tensorflow` imports TensorFlow, and the Train controller unpickles the backend
 config, so Ray's own class costs the driver and the controller a TensorFlow import each
-(about 4 s apiece here) before any worker starts. And Ray's backend also sets
+before any worker starts (docs/benchmarks.md). And Ray's backend also sets
 TF_USE_LEGACY_KERAS=1, which this Keras 3 project must not inherit.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 
 import ray
+import ray.util
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.util import TrainingFramework
 
 
 def _set_tf_config(worker_addresses: list[str], index: int) -> None:
@@ -23,10 +23,14 @@ def _set_tf_config(worker_addresses: list[str], index: int) -> None:
 
 
 def _free_address() -> str:
-    from ray._common.network_utils import build_address
-    from ray.train._internal.utils import get_address_and_port
+    """host:port of a free port on this worker's node, for its TensorFlow gRPC server."""
+    import socket
 
-    return build_address(*get_address_and_port())
+    host = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _TfConfigBackend(Backend):
@@ -41,7 +45,3 @@ class TfConfig(BackendConfig):
     @property
     def backend_cls(self):
         return _TfConfigBackend
-
-    @property
-    def framework(self):
-        return TrainingFramework.TENSORFLOW  # for Ray's run metadata; read on worker 0

@@ -223,7 +223,7 @@ def _write_report(run_dir: Path | str, result: dict[str, Any], out_dir: Path, lo
     from mnist_dist.config import TrainConfig
     from mnist_dist.evaluate import predict_logits
     from mnist_dist.export import read_report
-    from mnist_dist.loop import load_data
+    from mnist_dist.data import load_for
 
     scalars = step_scalars(run_dir)
     if not scalars:
@@ -233,7 +233,7 @@ def _write_report(run_dir: Path | str, result: dict[str, Any], out_dir: Path, lo
     checkpoint, _best = best_checkpoint(run_dir)
     with objectstore.local_copy(checkpoint) as local:
         model, _state = load_model(local)
-    data = load_data(TrainConfig.known(result["config"]))
+    data = load_for(TrainConfig.from_saved(result["config"]))
     log(f"predicting {len(data.test_y)} test images with {objectstore.name(checkpoint)} ...")
     predicted = predict_logits(model, data.test_x).argmax(1)
     test_accuracy = float((predicted == data.test_y).mean())

@@ -13,19 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist.config import TrainConfig
+from mnist_dist.errors import MnistDistError
 
 BEST_FILE = "best.json"
 RESULT_FILE = "result.json"
 
 
-class RunError(Exception):
+class RunError(MnistDistError):
     """A run directory that cannot be used; the message says why and what to do."""
 
 
-def write(run_dir: str, name: str, payload: dict[str, Any]) -> None:
-    from mnist_dist.checkpoint import write_json_atomic
+def best_epoch(history: list[dict[str, Any]]) -> int:
+    """The epoch with the highest validation accuracy; the earliest one on a tie."""
+    return max(history, key=lambda m: (m["val_accuracy"], -m["epoch"]))["epoch"]
 
+
+def write(run_dir: str, name: str, payload: dict[str, Any]) -> None:
     from mnist_dist import objectstore
+    from mnist_dist.checkpoint import write_json_atomic
 
     if not objectstore.is_uri(run_dir):
         write_json_atomic(Path(run_dir) / name, payload)

@@ -74,7 +74,7 @@ def claim(config: TrainConfig) -> dict[str, Any] | None:
     if saved is None:  # a run from before config.json: its result.json knows the config
         saved = (read_json(directory, RESULT_FILE) or {}).get("config")
     if saved is not None:
-        saved_config = TrainConfig.known(saved)
+        saved_config = TrainConfig.from_saved(saved)
         changed = differences(saved_config, config)
         if changed:
             theirs = ", ".join(f"{name}={getattr(saved_config, name)!r}" for name in changed)

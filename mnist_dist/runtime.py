@@ -9,17 +9,17 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 
 def thread_env(cpus: int) -> dict[str, str]:
     """Environment that keeps every native thread pool inside the worker's CPU allotment.
 
     Two workers with TensorFlow's default pools (one thread per core each) fight over
-    the cores and train ~5x slower than one process; OpenMP/oneDNN pools do the same.
-    The inter-op pool is as wide as the allotment: with a single inter-op thread, one
-    process on 2 CPUs trained 10-14% slower (bench step: 2,584 vs 2,825-2,941 img/s).
+    the cores and train several times slower than one process; OpenMP/oneDNN pools do the
+    same. The inter-op pool is as wide as the allotment: a single inter-op thread was
+    slower (docs/benchmarks.md#measured-design-choices).
     """
     cpus = max(1, int(cpus))
     return {
@@ -55,10 +55,9 @@ def cores_to_pin(local_rank: int, local_world_size: int, cpus_per_worker: int, a
 
     Only when the run's workers on this node ask Ray for exactly the CPUs the process may
     use: then Ray schedules no other CPU work there, and each worker gets its own block.
-    Two one-CPU workers on a 2-core VM whose threads the OS moved between the cores
-    trained 1-8% slower than pinned ones (six of six interleaved pairs; see docs/benchmarks.md). In a
-    container whose CPU quota is smaller than the host's core list, the counts differ and
-    nothing is pinned.
+    Workers whose threads the OS moved between the cores trained slower than pinned ones
+    (docs/benchmarks.md#measured-design-choices). In a container whose CPU quota is smaller
+    than the host's core list, the counts differ and nothing is pinned.
     """
     if local_world_size * cpus_per_worker != len(allowed):
         return None
@@ -81,10 +80,9 @@ def hidden_modules(*names: str) -> Iterator[None]:
 
     `import tensorflow` imports Keras, and Keras imports matplotlib.pyplot for its optional
     image-gallery helper when matplotlib is installed (this project installs it for
-    `mnist-dist report`). Workers never plot; hiding it took 0.2-0.3 s off each worker's
-    TensorFlow import here (`configure_process` after Ray Train's imports: 1.65-1.72 s
-    against 1.83-1.96 s, three runs each), and Keras sets its helper's
-    `plt` to None, as it does where matplotlib is missing.
+    `mnist-dist report`). Workers never plot, so hiding it shortens each worker's
+    TensorFlow import (docs/benchmarks.md), and Keras sets its helper's `plt` to None, as it
+    does where matplotlib is missing.
     """
     hidden = [name for name in names if name not in sys.modules]
     for name in hidden:
@@ -131,6 +129,17 @@ def without_import_banner() -> Iterator[None]:
         os.dup2(stderr, 2)  # the pipe's last write end closes: the thread reads to the end
         passer.join(timeout=10)
         os.close(stderr)
+
+
+def import_tensorflow():
+    """TensorFlow, imported without its C++ banner and INFO lines, in any process (the
+    driver's export and report too); TF_CPP_MIN_LOG_LEVEL set by the user still wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with without_import_banner():
+        import tensorflow as tf
+    return tf
 
 
 def configure_process(cpus: int, use_gpu: bool) -> None:
@@ -192,10 +201,8 @@ def quiet_worker_logs() -> None:
     tf.get_logger().setLevel(logging.ERROR)
     for name in ("ray.train", "ray.tune", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Ray Train logs each report, the whole metrics dict, at INFO under a logger named after
-    # its source file (outside "ray.train"): after every epoch, two long lines per worker.
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray version: its lines stay
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # Ray Train logs each report, the whole metrics dict, at INFO: two long lines per worker an epoch.
+    from mnist_dist import compat
+
+    if (name := compat.report_logger_name()) is not None:
+        logging.getLogger(name).setLevel(logging.WARNING)

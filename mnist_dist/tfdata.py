@@ -3,10 +3,14 @@ slice of each global batch, so the replicas together see each global batch exact
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
-from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
+from mnist_dist.config import TrainConfig
+from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE, Mnist
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -18,8 +22,7 @@ def shard_indices(n: int, seed: int, epoch: int, global_batch: int, num_shards: 
     """Sample indices of some replicas (shards) for one epoch: (steps * len(shard_ids), per_replica).
 
     Each global batch is split into `num_shards` consecutive slices, one per replica; a
-    pipeline that feeds several local replicas yields their slices in turn, as
-    `distribute_datasets_from_function` expects. The tail that does not fill a whole
+    pipeline that feeds several local replicas yields their slices in turn. The tail that does not fill a whole
     global batch is dropped, so every worker runs the same number of synchronous steps.
     """
     if global_batch % num_shards:
@@ -108,3 +111,36 @@ def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.with_options(options)
+
+
+def distributed_chunks(strategy, data: Mnist, config: TrainConfig, epoch: int, global_batch: int,
+                       epochs: int = 1) -> Callable[[int], Any]:
+    """`next_chunk(steps)`: the distributed batches of the next `steps` steps of `epochs`
+    epochs from `epoch`, stacked and padded to `config.steps_per_execution`, so that every
+    train-function call has the same shapes.
+
+    Each local replica reads its slice of every global batch from its own plain tf.data
+    iterator, and `experimental_distribute_values_from_function` hands the slices to the
+    strategy. `distribute_datasets_from_function`'s live iterator alone slowed every step,
+    even on batches fetched in advance (docs/design.md#the-input-pipeline).
+    """
+    iterators: dict[int, Iterator] = {}
+    per_call = config.steps_per_execution
+
+    def replica_chunk(ctx, steps: int):
+        replica = ctx.replica_id_in_sync_group  # global: unique over all workers
+        if replica not in iterators:
+            iterators[replica] = iter(train_dataset(
+                data.train_x, data.train_y, seed=config.seed, epoch=epoch, global_batch=global_batch,
+                num_shards=ctx.num_replicas_in_sync, shard_ids=(replica,), augment=config.augment,
+                rotate_deg=config.rotate, zoom=config.zoom, epochs=epochs))
+        batches = [next(iterators[replica]) for _ in range(steps)]
+        batches += batches[-1:] * (per_call - steps)  # never trained on
+        return tuple(tf.stack(part) for part in zip(*batches))
+
+    def next_chunk(steps: int):
+        if not 1 <= steps <= per_call:
+            raise ValueError(f"a chunk holds 1 to {per_call} steps, not {steps}")
+        return strategy.experimental_distribute_values_from_function(lambda ctx: replica_chunk(ctx, steps))
+
+    return next_chunk

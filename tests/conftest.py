@@ -51,14 +51,15 @@ def ray_run(tmp_path_factory, mnist_dir):
     # The probe logs every process that imports TensorFlow: it should be the workers alone.
     import_log = tmp_path_factory.mktemp("tensorflow-imports")
     probe = str(ROOT / "tests" / "helpers" / "import_probe")
-    env = {"MNIST_DIST_IMPORT_LOG": str(import_log),
+    pids = tmp_path_factory.mktemp("worker-pids")  # each rank writes rank<R>.pid (launcher.PID_DIR_ENV)
+    env = {"MNIST_DIST_IMPORT_LOG": str(import_log), "MNIST_DIST_PID_DIR": str(pids),
            "PYTHONPATH": os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH")]))}
     proc = run_cli("train", "--preset", "smoke", "--model", "tf-tutorial", "--workers", "2", "--batch-size", "32",
                    "--train-limit", "4096", "--val-size", "1000", "--epochs", "2", "--lr", "0.05", "--eval-every", "20",
                    "--storage", storage, "--name", "e2e", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = storage / "e2e"
-    return {"run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr, "import_log": import_log,
+    return {"run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr, "import_log": import_log, "pids": pids,
             "result": json.loads((run_dir / "result.json").read_text())}
 
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from conftest import run_cli
+from mnist_dist.bench.train import summarize
 from mnist_dist.bench.tta import first_reaching
 
 
@@ -11,17 +12,15 @@ from mnist_dist.bench.tta import first_reaching
 def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
     out = tmp_path / "train.json"
     proc = run_cli("bench", "train", "--model", "lenet5", "--steps", "3", "--global-batch", "32", "--workers", "1",
-                   "--rounds", "2", "--json", out)
+                   "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine: " in proc.stdout and "tensorflow" in proc.stdout and "vs plain fit" in proc.stdout
     figures = json.loads(out.read_text())
     assert set(figures["setups"]) == {"plain keras fit", "plain keras fit, steps_per_execution=10", "project step, 1 process", "ray, 1 worker"}
     assert figures["ratios_to_plain_fit"]["plain keras fit"] == 1.0
     assert all(s["img_s"] > 0 for s in figures["setups"].values())
-    # Two rounds: each setup measured twice, the median reported.
-    assert figures["rounds"] == 2 and all(len(s["img_s_runs"]) == 2 for s in figures["setups"].values())
-    assert all(min(s["img_s_runs"]) <= s["img_s"] <= max(s["img_s_runs"]) for s in figures["setups"].values())
-    assert figures["allreduce"] == "fp32" and "img/s of each round" in proc.stdout
+    assert figures["rounds"] == 1 and all(s["img_s_runs"] == [s["img_s"]] for s in figures["setups"].values())
+    assert figures["allreduce"] == "fp32"
     ray = figures["setups"]["ray, 1 worker"]
     assert ray["wall_seconds"] > ray["train_seconds"] > 0
     assert figures["machine"]["cores"] >= 1 and "keras" in figures["machine"]["versions"]
@@ -33,14 +32,30 @@ def test_bench_infer_measures_tensorflow_and_both_onnx_models(exported, tmp_path
     proc = run_cli("bench", "infer", "--export", exported["dir"], "--iterations", "20", "--profile", "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
-    runtimes = figures["runtimes"]
-    ops = {op for op, _node, _us in figures["profile"]["fp32"]}
+    (entry,) = figures["exports"]
+    runtimes = entry["runtimes"]
+    profile = figures["profile"][entry["label"]]
+    ops = {op for op, _node, _us in profile["fp32"]}
     assert {"Gemm", "FusedGemm"} & ops and any(op.startswith("Conv") or op == "FusedConv" for op in ops), ops
-    assert any(op.startswith("QLinear") or op == "QGemm" for op, _n, _u in figures["profile"]["int8"])
+    assert any(op.startswith("QLinear") or op == "QGemm" for op, _n, _u in profile["int8"])
     assert "floor: one numpy matrix-vector product" in proc.stdout
     assert set(runtimes) == {"tensorflow", "onnxruntime fp32", "onnxruntime int8"}
     for row in runtimes.values():
         assert row["latency_us_p99"] >= row["latency_us_p50"] > 0 and row["b256_img_s_1t"] > 0
+    assert runtimes["onnxruntime int8"]["size_bytes"] < runtimes["onnxruntime fp32"]["size_bytes"]
+
+
+@pytest.mark.slow  # exports
+def test_bench_infer_compares_several_exports_in_one_run(exported, tmp_path):
+    out = tmp_path / "infer.json"
+    proc = run_cli("bench", "infer", "--export", exported["dir"], "--run", exported["dir"].parent,
+                   "--iterations", "10", "--json", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, second = json.loads(out.read_text())["exports"]
+    assert first["model"] == second["model"] == "tf-tutorial"
+    assert first["label"] == "tf-tutorial" and second["label"] == f"tf-tutorial ({exported['dir'].parent.name})"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("tf-tutorial")]
+    assert len(rows) == 6 and sum("onnxruntime int8" in row for row in rows) == 2 and "p50 / first int8" in proc.stdout
 
 
 def test_bench_train_refuses_epochs_longer_than_the_training_set():
@@ -52,6 +67,8 @@ def test_bench_train_refuses_epochs_longer_than_the_training_set():
 def test_bench_infer_refuses_a_missing_export(tmp_path):
     proc = run_cli("bench", "infer", "--export", tmp_path)
     assert proc.returncode == 2 and "no report.json" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("bench", "infer")
+    assert proc.returncode == 2 and "Fix: pass --export DIR or --run RUN" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
@@ -100,3 +117,16 @@ def test_first_reaching_picks_the_first_probe_at_or_over_the_target():
     probes = [{"test_accuracy": a, "train_seconds": t} for a, t in ((0.9, 1), (0.991, 2), (0.995, 3))]
     assert first_reaching(probes, 0.99)["train_seconds"] == 2
     assert first_reaching(probes, 0.999) is None
+
+
+def test_rounds_report_each_setups_median_run_and_the_median_of_its_same_round_ratios():
+    runs = {"plain keras fit": [{"img_s": 100.0}, {"img_s": 50.0}, {"img_s": 80.0}],
+            "ray, 2 workers": [{"img_s": 90.0, "wall_seconds": 1}, {"img_s": 60.0, "wall_seconds": 2},
+                               {"img_s": 40.0, "wall_seconds": 3}]}
+    setups, ratios = summarize(runs)
+    assert setups["plain keras fit"]["img_s"] == 80.0 and setups["plain keras fit"]["img_s_runs"] == [100.0, 50.0, 80.0]
+    assert setups["ray, 2 workers"] == {"img_s": 60.0, "wall_seconds": 2, "img_s_runs": [90.0, 60.0, 40.0]}
+    # Per round 0.9, 1.2 and 0.5: the median ratio, not the ratio of the medians (0.75).
+    assert ratios == {"plain keras fit": 1.0, "ray, 2 workers": 0.9}
+    two_rounds, _ = summarize({"plain keras fit": [{"img_s": 3.0}, {"img_s": 1.0}]})
+    assert two_rounds["plain keras fit"]["img_s"] == 1.0  # the lower middle of an even count

@@ -47,6 +47,11 @@ def test_onnx_model_has_named_dynamic_input_metadata_and_a_lean_graph(exported, 
     assert json.loads(meta["mnist_dist.labels"]) == [str(i) for i in range(10)]
     assert meta["mnist_dist.model"] == "tf-tutorial" and meta["mnist_dist.opset"] == str(model.opset_import[0].version)
     assert meta["mnist_dist.checkpoint"] == Path(ray_run["result"]["best_checkpoint"]).name
+    # The run's name and the checkpoint's digest; no path of the training machine.
+    best = Path(ray_run["result"]["best_checkpoint"])
+    assert meta["mnist_dist.run"] == best.parent.name
+    assert meta["mnist_dist.checkpoint_sha256"] == json.loads((best / "state.json").read_text())["model_sha256"]
+    assert not any(str(best.parent) in value for value in meta.values())
     ops = onnx_graph.op_types(model)
     assert "Transpose" not in ops and "Shape" not in ops and "Gather" not in ops, ops
     int8 = onnx.load(exported["dir"] / "model.int8.onnx")

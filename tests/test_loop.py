@@ -7,50 +7,76 @@ import numpy as np
 import pytest
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.loop import DirectorySession, train
+from mnist_dist.loop import train
+from mnist_dist.sessions import DirectorySession
 
 
-@pytest.mark.slow  # trains, starts Ray or exports
-def test_two_replicas_match_one_replica_and_stay_identical(mnist_dir):
+@pytest.fixture(scope="module")
+def mirrored(mnist_dir):
+    """The same global batches through 1 replica and through MirroredStrategy's 2 replicas
+    (tests/helpers/mirrored_check.py, in a fresh process), shared by the tests below."""
     helper = Path(__file__).parent / "helpers" / "mirrored_check.py"
     proc = subprocess.run([sys.executable, str(helper), str(mnist_dir)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == [1, 2]
-    assert out["replicas_identical"] is True
-    assert out["batch_norm_identical_before_sync"] is False
-    assert out["batch_norm_identical_after_sync"] is True
-    # Same global batch, loss averaged over it, gradients summed over replicas: the same run,
-    # up to the order in which float32 adds up 64 images' gradients (each sum within about
-    # 64 ulps, some 4e-6 of its size). Bounds that follow from that arithmetic, on any CPU:
-    # - SGD's update is linear in the gradient, so the weights differ by that rounding times
-    #   the learning rate, compounded over 8 steps: far below 1e-3 of how far the weights
-    #   moved (1e-6 measured on AVX2, AVX-512 and TensorFlow's own kernels). A sum missing a
-    #   replica's share, or counting one twice, is off by a large part of the movement.
-    assert out["sgd_replicas_identical"] is True
-    np.testing.assert_allclose(out["sgd_double"], out["sgd_single"], rtol=1e-5)
-    assert out["sgd_max_weight_diff"] <= 1e-3 * out["sgd_max_movement"]
-    # - Adam divides by the gradient's own size, so a weight whose gradient is within rounding
-    #   of zero can move by up to about lr (0.002) either way a step, on one CPU and not on
-    #   another (8.4e-4 apart on an AVX2-only EPYC): the bound is 2 x 8 x lr. Such weights
-    #   hardly touch the loss, and there are few of them: a wrong sum moves most weights.
-    np.testing.assert_allclose(out["double"], out["single"], rtol=1e-3)
-    assert out["max_weight_diff"] < 2 * 8 * 0.002
-    assert out["mean_weight_diff"] < 1e-5  # 2e-9 measured; a wrong sum: about lr
-    assert out["double"][-1] < out["double"][0]
-    assert len(out["double"]) == 8  # every step's loss
-    # Steps looped in one call (3, 3, then 2) are the steps called one at a time, exactly.
-    assert out["chunked"] == [out["double"][2], out["double"][5], out["double"][7]]
-    assert out["chunked_identical"] is True and out["chunked_max_weight_diff"] == 0.0
-    # Gradients summed in bfloat16: still one identical update on every replica, close to
-    # the float32 run but not equal to it (so the bf16 path really ran).
-    assert out["bf16_allreduce_identical"] is True
-    np.testing.assert_allclose(out["bf16_allreduce"], out["single"], rtol=2e-2)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
+def test_two_replicas_hold_bit_identical_weights(mirrored):
+    assert mirrored["replicas"] == [1, 2]
+    assert mirrored["replicas_identical"] is True
+    assert mirrored["sgd_replicas_identical"] is True
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
+def test_batch_norm_statistics_drift_apart_until_the_epoch_end_sync(mirrored):
+    assert mirrored["batch_norm_identical_before_sync"] is False
+    assert mirrored["batch_norm_identical_after_sync"] is True
+
+
+# Same global batch, loss averaged over it, gradients summed over replicas: the same run,
+# up to the order in which float32 adds up 64 images' gradients (each sum within about
+# 64 ulps, some 4e-6 of its size). The bounds below follow from that arithmetic, on any CPU.
+@pytest.mark.slow  # trains, starts Ray or exports
+def test_with_sgd_two_replicas_train_one_replicas_weights(mirrored):
+    # SGD's update is linear in the gradient, so the weights differ by that rounding times
+    # the learning rate, compounded over 8 steps: far below 1e-3 of how far the weights
+    # moved (1e-6 measured on AVX2, AVX-512 and TensorFlow's own kernels). A sum missing a
+    # replica's share, or counting one twice, is off by a large part of the movement.
+    np.testing.assert_allclose(mirrored["sgd_double"], mirrored["sgd_single"], rtol=1e-5)
+    assert mirrored["sgd_max_weight_diff"] <= 1e-3 * mirrored["sgd_max_movement"]
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
+def test_with_adam_two_replicas_train_one_replicas_weights(mirrored):
+    # Adam divides by the gradient's own size, so a weight whose gradient is within rounding
+    # of zero can move by up to about lr (0.002) either way a step, on one CPU and not on
+    # another (8.4e-4 apart on an AVX2-only EPYC): the bound is 2 x 8 x lr. Such weights
+    # hardly touch the loss, and there are few of them: a wrong sum moves most weights.
+    np.testing.assert_allclose(mirrored["double"], mirrored["single"], rtol=1e-3)
+    assert mirrored["max_weight_diff"] < 2 * 8 * 0.002
+    assert mirrored["mean_weight_diff"] < 1e-5  # 2e-9 measured; a wrong sum: about lr
+    assert len(mirrored["double"]) == 8 and mirrored["double"][-1] < mirrored["double"][0]
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
+def test_steps_looped_in_one_call_are_the_steps_called_one_at_a_time(mirrored):
+    # Calls of 3, 3, then 2 steps: the last step's loss of each call, and the same weights.
+    assert mirrored["chunked"] == [mirrored["double"][2], mirrored["double"][5], mirrored["double"][7]]
+    assert mirrored["chunked_identical"] is True and mirrored["chunked_max_weight_diff"] == 0.0
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
+def test_gradients_summed_in_bf16_stay_identical_and_close_to_fp32(mirrored):
+    # Still one identical update on every replica, close to the float32 run but not equal
+    # to it (so the bf16 path really ran).
+    assert mirrored["bf16_allreduce_identical"] is True
+    np.testing.assert_allclose(mirrored["bf16_allreduce"], mirrored["single"], rtol=2e-2)
     # The same Adam bound as above; more would mean a wrong sum, not rounding.
-    assert 1e-6 < out["bf16_max_weight_diff"] < 2 * 8 * 0.002
+    assert 1e-6 < mirrored["bf16_max_weight_diff"] < 2 * 8 * 0.002
     # ... while the typical weight stays close: 1.7e-4 here; a sum missing a replica's share
     # moves most weights by about lr a step.
-    assert out["bf16_mean_weight_diff"] < 1e-3
+    assert mirrored["bf16_mean_weight_diff"] < 1e-3
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -60,7 +86,7 @@ def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimiz
     import keras
     import tensorflow as tf
 
-    from mnist_dist.loop import build_model_and_optimizer, make_train_step
+    from mnist_dist.step import build_model_and_optimizer, make_train_step
 
     config = TrainConfig(model="tf-tutorial", optimizer=optimizer, l2=5e-2)  # a large penalty: its gradient must count
     rng = np.random.default_rng(0)
@@ -83,7 +109,7 @@ def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimiz
     for variant in ("fused", "keras", "keras without the penalty"):
         keras.utils.set_random_seed(3)
         model, opt = build_model_and_optimizer(config, steps_per_epoch=2)  # the rate decays after step 2
-        model.get_layer(index=6).rate = 0.0  # no dropout: every variant sees the same forward pass
+        next(layer for layer in model.layers if layer.name.startswith("dropout")).rate = 0.0  # no dropout: every variant sees the same forward pass
         if variant == "fused":
             steps = make_train_step(tf.distribute.get_strategy(), model, opt, global_batch=16, allreduce="none")
             losses = [float(steps((x[None], y[None]), 1)[1]) for x, y in batches]  # one-step chunks
@@ -111,7 +137,7 @@ def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimiz
 
 
 def test_calls_run_at_most_steps_per_execution_steps_and_end_at_every_progress_line():
-    from mnist_dist.loop import steps_per_call
+    from mnist_dist.step import steps_per_call
 
     assert steps_per_call(0, 25, eval_every=100, per_call=10) == [10, 10, 5]  # the epoch's end
     assert steps_per_call(25, 50, eval_every=10, per_call=4) == [4, 1, 4, 4, 2, 4, 4, 2]  # lines at 30, 40
@@ -129,6 +155,25 @@ def test_dense_gradients_are_gathered_only_where_that_sends_at_most_half_the_num
     assert not gathers_inputs((3136, 512), local_batch=512, replicas=2)  # big batches: all-reduce
     assert not gathers_inputs((400, 120), local_batch=128, replicas=2)  # LeNet-5's first dense layer
     assert gathers_inputs((400, 120), local_batch=32, replicas=2)  # ... which the mirrored check gathers
+
+
+def test_the_zoo_builds_the_big_dense_layer_linear_so_its_gradient_can_be_gathered():
+    from mnist_dist.gradients import GradientExchange, gathered_dense_layers
+    from mnist_dist.models import build
+
+    model = build("tf-tutorial")
+    (dense,) = gathered_dense_layers(model, local_batch=128, replicas=2)
+    assert tuple(dense.kernel.shape) == (3136, 512)
+    # Its activation is the next layer, so its output is the pre-activation the exchange reads.
+    assert type(model.layers[model.layers.index(dense) + 1]).__name__ == "ReLU"
+    exchange = GradientExchange(model, local_batch=128, replicas=2, allreduce="fp32")
+    logits, taps = exchange.forward(np.zeros((4, 28, 28, 1), np.float32), training=False)
+    ((x, z),) = taps
+    assert tuple(logits.shape) == (4, 10) and tuple(x.shape) == (4, 3136) and tuple(z.shape) == (4, 512)
+    import keras
+
+    # Nothing patched on the layer: its class's own `call`, and Keras' linear activation.
+    assert "call" not in vars(dense) and dense.activation is keras.activations.linear
 
 
 def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, capsys):
@@ -191,15 +236,14 @@ def test_half_written_checkpoint_is_never_taken(tmp_path):
 
 def test_best_epoch_is_the_earliest_of_a_tie_and_the_driver_agrees():
     from mnist_dist.launcher import pick_best
-    from mnist_dist.loop import best_epoch, score_best
+    from mnist_dist.loop import score_best
+    from mnist_dist.results import best_epoch
 
     history = [{"epoch": 1, "val_accuracy": 0.90}, {"epoch": 2, "val_accuracy": 0.95}, {"epoch": 3, "val_accuracy": 0.95}]
     assert best_epoch(history) == 2
     kept = [("c3", history[2]), ("c2", history[1]), ("c1", history[0])]  # Ray's top-k, any order
-    assert pick_best(kept, 2)[0] == "c2"
-    assert pick_best(kept, 3)[0] == "c3"  # the epoch rank 0 scored wins a tie
-    assert pick_best(kept, None)[0] == "c2"
-    assert pick_best(kept, 1)[0] == "c2"  # not a top epoch: ignored
+    assert pick_best(kept)[0] == "c2"  # the same rule, whatever order Ray keeps them in
+    assert pick_best(kept[:1] + kept[2:])[0] == "c3"  # the earliest of the tie was not kept
     # Best weights from before a resume are not in memory: the driver scores the checkpoint.
     assert score_best(None, history, None, None, None) is None
     assert score_best(None, history, (3, []), None, None) is None
@@ -209,7 +253,7 @@ def test_presets_build_the_optimizer_they_name():
     import keras
 
     from mnist_dist.config import preset
-    from mnist_dist.loop import make_optimizer
+    from mnist_dist.optimizers import make_optimizer
 
     tutorial = preset("tutorial")
     # The TF tutorial: SGD + momentum 0.9, 0.01 at batch 64 (0.02 at the global 2 x 64), x0.95 per epoch.

@@ -5,7 +5,7 @@ import tensorflow as tf
 from mnist_dist import models
 
 
-@pytest.mark.parametrize("name, params", [("tf-tutorial", 1_663_370), ("lenet5", 61_706), ("cnn-bn", 1_665_194), ("cnn-deep", 326_826)])
+@pytest.mark.parametrize("name, params", [("tf-tutorial", 1_663_370), ("lenet5", 61_706), ("cnn-bn", 1_665_194), ("cnn-deep", 326_826), ("edge", 66_986)])
 def test_exact_parameter_counts(name, params):
     # tf-tutorial: 832 + 51,264 + (3136*512 + 512) + (512*10 + 10), as in convolutional.py.
     model = models.build(name)

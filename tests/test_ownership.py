@@ -121,7 +121,8 @@ def test_a_rejected_export_replaces_only_an_earlier_rejected_export(run_copy, tm
 def test_a_checkpoint_is_replaced_only_when_it_is_one_of_ours(tmp_path):
     """The in-process session re-trains an epoch whose checkpoint was cut off mid-write."""
     from mnist_dist.config import TrainConfig
-    from mnist_dist.loop import DirectorySession, train
+    from mnist_dist.loop import train
+    from mnist_dist.sessions import DirectorySession
 
     config = TrainConfig(model="lenet5", epochs=2, batch_size=50, workers=1, synthetic=True, train_limit=500,
                          val_size=100, eval_every=1000)

@@ -61,9 +61,9 @@ def test_gradient_allreduce_dtype_follows_precision_on_cpus_only():
     assert TrainConfig(precision="bf16", gpus_per_worker=1).allreduce_dtype == "fp32"  # NCCL sums in fp32
     assert TrainConfig(allreduce="bf16").validate().allreduce_dtype == "bf16"
     assert TrainConfig(precision="bf16", allreduce="fp32").allreduce_dtype == "fp32"
-    with pytest.raises(ConfigError, match="unknown --allreduce 'fp8'"):
+    with pytest.raises(ConfigError, match="unknown --exchange-dtype 'fp8'"):
         TrainConfig(allreduce="fp8").validate()
-    with pytest.raises(ConfigError, match="Fix: drop --allreduce or pass --allreduce fp32"):
+    with pytest.raises(ConfigError, match="Fix: drop --exchange-dtype or pass --exchange-dtype fp32"):
         TrainConfig(allreduce="bf16", gpus_per_worker=1).validate()
 
 

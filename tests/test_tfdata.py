@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mnist_dist.pipeline import eval_dataset, shard_indices, train_dataset
+from mnist_dist.tfdata import eval_dataset, shard_indices, train_dataset
 
 
 def test_workers_split_each_global_batch_disjointly():

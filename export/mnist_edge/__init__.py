@@ -1,7 +1,7 @@
 """mnist-edge: run an exported mnist-dist model with numpy and onnxruntime only.
 
 Nothing in this package may import TensorFlow, Keras or Ray: it is what a small
-device installs. `tests/test_edge_isolation.py` enforces that.
+device installs. `tests/test_edge.py` enforces that, in a venv without them.
 """
 __all__ = ["EdgeError", "Classifier"]
 

@@ -1,5 +1,5 @@
 """`mnist-dist bench infer`: TensorFlow (the trained Keras model) against ONNX Runtime fp32
-and int8 from a verified export, in one run.
+and int8, for one or several verified exports side by side in one run.
 
 Batch-1 latency (median and p99, 1 thread) and batch-256 throughput with 1 thread and with
 every core. TensorFlow's thread pools are fixed once it starts, so each TensorFlow thread
@@ -12,8 +12,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -116,44 +117,79 @@ def resolve_export(export: str | None, run: str | None) -> Path:
     return directory
 
 
-def run(export: str | None = None, run_dir: str | None = None, iterations: int = 2000,
-        json_path: str | None = None, profile: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def export_label(directory: Path, report: dict[str, Any], taken: set[str]) -> str:
+    """`tf-tutorial`, or `tf-tutorial (r1)` when another export of that model came first."""
+    label = report["model"]
+    if label in taken:
+        label = f"{label} ({directory.resolve().parent.name if directory.name == 'export' else directory.name})"
+    taken.add(label)
+    return label
+
+
+def measure_export(directory: Path, report: dict[str, Any], iterations: int, thread_counts: list[int],
+                   log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """TensorFlow (the export's checkpoint), ONNX Runtime fp32 and int8: one row each."""
     from mnist_edge.runtime import FP32_FILE, INT8_FILE
 
     from mnist_dist.export import report_checkpoint
 
-    directory = resolve_export(export, run_dir)
-    report = json.loads((directory / "report.json").read_text())
     checkpoint = report_checkpoint(report, directory)
-    machine = header(log)
-    cores = usable_cores()
-    log(f"model {report['model']} from {checkpoint}; batch-1 latency over {iterations} runs, 1 thread")
     rows: dict[str, dict[str, Any]] = {}
-    thread_counts = sorted({1, cores})
-    for name, measure in (("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4)),
-                          ("onnxruntime fp32", lambda t: _onnxruntime(directory / FP32_FILE, t, iterations)),
-                          ("onnxruntime int8", lambda t: _onnxruntime(directory / INT8_FILE, t, iterations))):
-        log(f"measuring {name} ...")
+    for name, measure, accuracy, size in (
+            ("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4), report["fp32"]["tf_accuracy"], None),
+            ("onnxruntime fp32", lambda t: _onnxruntime(directory / FP32_FILE, t, iterations),
+             report["fp32"]["ort_accuracy"], report["fp32"]["size_bytes"]),
+            ("onnxruntime int8", lambda t: _onnxruntime(directory / INT8_FILE, t, iterations),
+             report["int8"]["ort_accuracy"], report["int8"]["size_bytes"])):
+        log(f"measuring {report['model']}: {name} ...")
         per_threads = {t: measure(t) for t in thread_counts}
         rows[name] = {"latency_us_p50": per_threads[1]["latency"]["p50"], "latency_us_p99": per_threads[1]["latency"]["p99"],
-                      **{f"b256_img_s_{t}t": per_threads[t]["b256"] for t in thread_counts}}
-    base = rows["tensorflow"]
-    table(["runtime", "b1 p50 us", "b1 p99 us", *[f"b256 {t}t img/s" for t in thread_counts], "p50 speed-up vs TF"],
-          [[name, f"{r['latency_us_p50']:,.0f}", f"{r['latency_us_p99']:,.0f}",
-            *[f"{r[f'b256_img_s_{t}t']:,.0f}" for t in thread_counts],
-            f"{base['latency_us_p50'] / r['latency_us_p50']:.2f}x"] for name, r in rows.items()], log)
-    profiles = {}
+                      **{f"b256_img_s_{t}t": per_threads[t]["b256"] for t in thread_counts},
+                      "test_accuracy": accuracy, "size_bytes": size}
+    return rows
+
+
+def run(exports: list[str] | None = None, runs: list[str] | None = None, iterations: int = 2000,
+        json_path: str | None = None, profile: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every export given (`--export`, then `--run`), side by side in one run; speed-ups are
+    against the first export's TensorFlow, and latencies also against its int8 model."""
+    from mnist_edge.runtime import FP32_FILE, INT8_FILE
+
+    directories = [resolve_export(e, None) for e in exports or []] + [resolve_export(None, r) for r in runs or []]
+    if not directories:
+        from mnist_dist.export import ExportError
+        raise ExportError("no export to measure. Fix: pass --export DIR or --run RUN (either may be repeated).")
+    machine = header(log)
+    thread_counts = sorted({1, usable_cores()})
+    log(f"{len(directories)} export(s); batch-1 latency over {iterations} runs, 1 thread")
+    measured, taken = [], set()
+    for directory in directories:
+        report = json.loads((directory / "report.json").read_text())
+        label = export_label(directory, report, taken)
+        measured.append({"label": label, "export": str(directory), "model": report["model"],
+                         "runtimes": measure_export(directory, report, iterations, thread_counts, log)})
+    first = measured[0]["runtimes"]
+    table(["model", "runtime", "test acc", "size KB", "b1 p50 us", "b1 p99 us", *[f"b256 {t}t img/s" for t in thread_counts],
+           "p50 vs first TF", "p50 / first int8"],
+          [[entry["label"], name, f"{100 * r['test_accuracy']:.2f}%", f"{r['size_bytes'] / 1e3:,.0f}" if r["size_bytes"] else "",
+            f"{r['latency_us_p50']:,.0f}", f"{r['latency_us_p99']:,.0f}", *[f"{r[f'b256_img_s_{t}t']:,.0f}" for t in thread_counts],
+            f"{first['tensorflow']['latency_us_p50'] / r['latency_us_p50']:.2f}x",
+            f"{r['latency_us_p50'] / first['onnxruntime int8']['latency_us_p50']:.2f}"]
+           for entry in measured for name, r in entry["runtimes"].items()], log)
+    profiles: dict[str, Any] = {}
     if profile:
-        for name, file in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
-            profiles[name] = node_profile(directory / file)
-            log(f"where the time goes, {name}, batch 1, 1 thread (ONNX Runtime profiler; medians):")
-            table(["op", "node", "us"], [[op, node[-48:], f"{us:.0f}"] for op, node, us in profiles[name]], log)
-        floor_us, floor_bytes = weight_stream_floor_us(directory / FP32_FILE)
-        log(f"floor: one numpy matrix-vector product over the largest fp32 weight matrix ({floor_bytes / 1e6:.1f} MB) "
-            f"takes {floor_us:.0f} us on this core (1 thread; OpenBLAS may use more)")
-        profiles["largest_weight_matvec_us"] = floor_us
-    payload = {"benchmark": "infer", "profile": profiles, "machine": machine, "export": str(directory), "model": report["model"],
-               "runtimes": rows, "sizes_bytes": {"fp32": report["fp32"]["size_bytes"], "int8": report["int8"]["size_bytes"]}}
+        for entry in measured:
+            directory = Path(entry["export"])
+            for precision, file in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+                nodes = node_profile(directory / file)
+                profiles.setdefault(entry["label"], {})[precision] = nodes
+                log(f"where the time goes, {entry['label']} {precision}, batch 1, 1 thread (ONNX Runtime profiler; medians):")
+                table(["op", "node", "us"], [[op, node[-48:], f"{us:.0f}"] for op, node, us in nodes], log)
+            floor_us, floor_bytes = weight_stream_floor_us(directory / FP32_FILE)
+            log(f"floor: one numpy matrix-vector product over {entry['label']}'s largest fp32 weight matrix "
+                f"({floor_bytes / 1e6:.2f} MB) takes {floor_us:.0f} us on this core (1 thread; OpenBLAS may use more)")
+            profiles[entry["label"]]["largest_weight_matvec_us"] = floor_us
+    payload = {"benchmark": "infer", "machine": machine, "iterations": iterations, "exports": measured, "profile": profiles}
     save(json_path, payload, log)
     return payload
 

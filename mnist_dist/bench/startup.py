@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mnist_dist.bench import header, save, table
 
@@ -29,15 +30,15 @@ def _floor(workers: int) -> None:
     """(a), in the subprocess: the local Ray and Ray Train settings of `mnist-dist train`."""
     import ray
     from ray.train import RunConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from mnist_dist import compat
     from mnist_dist.config import TrainConfig
     from mnist_dist.launcher import init_ray, scaling_config
 
     config = TrainConfig(workers=workers, synthetic=True)
     init_ray(config)
     with tempfile.TemporaryDirectory() as storage:
-        DataParallelTrainer(_report_at_once, scaling_config=scaling_config(config),
+        compat.data_parallel_trainer()(_report_at_once, scaling_config=scaling_config(config),
                             run_config=RunConfig(storage_path=storage, name="floor")).fit()
     ray.shutdown()
 

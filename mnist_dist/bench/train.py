@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,8 @@ def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int, s
     import keras
 
     from mnist_dist.data import load, normalize
-    from mnist_dist.loop import make_optimizer
     from mnist_dist.models import build
+    from mnist_dist.optimizers import make_optimizer
 
     data = load(train_limit=steps * global_batch, val_size=1000)
     model = build(model_name, precision=precision)
@@ -74,7 +75,7 @@ def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers
     cpus = max(1, usable_cores() // workers)
     with tempfile.TemporaryDirectory() as storage:
         command = [sys.executable, "-m", "mnist_dist.cli", "train", "--model", model_name, "--workers", str(workers),
-                   "--batch-size", str(global_batch // workers), "--precision", precision, "--allreduce", allreduce, "--epochs", "2",
+                   "--batch-size", str(global_batch // workers), "--precision", precision, "--exchange-dtype", allreduce, "--epochs", "2",
                    "--train-limit", str(steps * global_batch), "--val-size", "1000", "--eval-every", str(10**9),
                    "--cpus-per-worker", str(cpus), "--storage", storage, "--name", "bench"]
         started = time.perf_counter()
@@ -91,6 +92,15 @@ def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers
 def _median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median img/s (the lower middle one of an even count)."""
     return sorted(results, key=lambda r: r["img_s"])[(len(results) - 1) // 2]
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str = "plain keras fit") -> tuple[dict, dict]:
+    """(setups, ratios) from every round's runs: each setup's median run with all its img/s,
+    and the median over rounds of its ratio to the baseline's run of the same round."""
+    setups = {name: {**_median_run(results), "img_s_runs": [r["img_s"] for r in results]} for name, results in runs.items()}
+    ratios = {name: float(np.median([r["img_s"] / base["img_s"] for r, base in zip(results, runs[baseline])]))
+              for name, results in runs.items()}
+    return setups, ratios
 
 
 def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, steps: int, *extra: int) -> dict[str, Any]:
@@ -132,10 +142,7 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
         for number, (name, measure) in enumerate(plan, 1):
             log(f"[{'round %d, ' % round_number if rounds > 1 else ''}{number}/{len(plan)}] {name} ...")
             runs[name].append(measure())
-    setups = {name: {**_median_run(results),
-                     "img_s_runs": [r["img_s"] for r in results]} for name, results in runs.items()}
-    ratios = {name: float(np.median([r["img_s"] / base["img_s"] for r, base in zip(results, runs["plain keras fit"])]))
-              for name, results in runs.items()}
+    setups, ratios = summarize(runs)
     table(["setup", "img/s", "vs plain fit", "wall s", "of which training s", "start-up overhead s"]
           + (["img/s of each round"] if rounds > 1 else []),
           [[name, f"{s['img_s']:,.0f}", f"{ratios[name]:.2f}x",

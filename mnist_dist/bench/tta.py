@@ -9,7 +9,8 @@ they choose nothing.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mnist_dist.bench import header, save, table
 
@@ -20,7 +21,7 @@ def first_reaching(probes: list[dict[str, Any]], target: float) -> dict[str, Any
 
 def run(config, target: float = 0.99, json_path: str | None = None, in_process: bool = False,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    from mnist_dist.cli import run_training
+    from mnist_dist import training
 
     machine = header(log)
     config = config.replace(probe_test=True).validate()
@@ -28,7 +29,7 @@ def run(config, target: float = 0.99, json_path: str | None = None, in_process: 
     log(f"{config.model}, {where} x batch {config.batch_size}, lr {config.learning_rate}, "
         f"precision {config.precision}, up to {config.epochs} epochs; test accuracy every {config.eval_every} steps")
     started = time.perf_counter()
-    result = run_training(config, in_process=in_process)
+    result = training.run(config, in_process=in_process)
     wall = time.perf_counter() - started
     probes = [p for epoch in result["history"] for p in epoch.get("test_probes", [])]
     steps_per_epoch = result["global_step"] / result["epochs_completed"]

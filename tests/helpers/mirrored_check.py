@@ -11,8 +11,8 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_dist.config import TrainConfig  # noqa: E402
 from mnist_dist.data import load  # noqa: E402
-from mnist_dist.loop import (build_model_and_optimizer, distributed_chunks, make_statistics_sync,  # noqa: E402
-                             make_train_step, steps_per_call)
+from mnist_dist.step import build_model_and_optimizer, make_statistics_sync, make_train_step, steps_per_call  # noqa: E402
+from mnist_dist.tfdata import distributed_chunks  # noqa: E402
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -1,0 +1,101 @@
+"""Every framework internal mnist-dist still relies on, in one place, each with why.
+
+Tested with the versions below, which pyproject.toml pins to the minor release.
+tests/test_compat.py checks each name here against the installed Keras and Ray, so an
+upgrade that moves one fails there, by name, instead of deep inside a training run.
+"""
+from __future__ import annotations
+
+import os
+
+from mnist_dist.errors import MnistDistError
+
+KERAS_TESTED = "3.15"
+RAY_TESTED = "2.60"
+
+
+class CompatError(MnistDistError, RuntimeError):
+    """An installed Keras or Ray that is not the version this module was written against."""
+
+
+def check_version(package: str, installed: str, tested: str) -> None:
+    if installed.split(".")[:2] != tested.split("."):
+        raise CompatError(f"mnist-dist was tested with {package} {tested}.x, and {package} {installed} is installed; "
+                          f"it relies on internals that may have moved (mnist_dist/compat.py). "
+                          f'Fix: pip install "{package}=={tested}.*", or reinstall mnist-dist.')
+
+
+# --- Keras ---------------------------------------------------------------------------
+
+def keras_checked():
+    import keras
+
+    check_version("keras", keras.__version__, KERAS_TESTED)
+    return keras
+
+
+class PresummedGradients:
+    """Mixin for a Keras optimizer whose gradients arrive already summed over the replicas.
+
+    Keras' TensorFlow optimizer all-reduces the gradients in `apply_gradients`, through
+    `_all_reduce_sum_gradients`, its only hook for that (tf_keras had the public flag
+    `experimental_aggregate_gradients=False`). The train step exchanges gradients itself
+    (mnist_dist.gradients), in fp32 or bf16, so the optimizer must not sum them again.
+    """
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)
+
+
+# --- Ray -----------------------------------------------------------------------------
+
+def ray_checked():
+    import ray
+
+    check_version("ray", ray.__version__, RAY_TESTED)
+    return ray
+
+
+def data_parallel_trainer():
+    """Ray Train V2's framework-neutral trainer. Its only public subclasses are per framework,
+    and `ray.train.tensorflow.TensorflowTrainer` imports TensorFlow into the driver and the
+    controller, and sets TF_USE_LEGACY_KERAS=1 (see mnist_dist.ray_backend)."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    return DataParallelTrainer
+
+
+# Ray Train reads these when its controller starts; they have no public setting.
+LOCAL_RAY_TRAIN_ENV = {
+    # The preemption watcher is one more actor on every run, and logs an error line at
+    # start-up; one local machine has nothing to preempt.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Every phase of start-up and teardown waits for the controller's next poll of its
+    # workers (2 s by default); docs/benchmarks.md#start-up-bench-startup has the figures.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+# Without the dashboard there is no State API for Ray Train's state actor to poll.
+NO_DASHBOARD_ENV = {"RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0"}
+# Ray 2.60 has no bind-address option. Its single-node mode, read once when `ray` is
+# imported, gives every Ray process the loopback address as its node IP.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+# Ray Train loggers named after their source files (outside "ray.train"): the report
+# logger prints every metrics dict, and without the dashboard the placement-group cleaner
+# warns once a second that the State API does not answer.
+REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def report_logger_name() -> str | None:
+    import importlib
+
+    try:
+        return importlib.import_module(REPORT_LOGGER_MODULE).__file__
+    except ImportError:
+        return None
+
+
+def set_default_env(values: dict[str, str]) -> None:
+    for name, value in values.items():
+        os.environ.setdefault(name, value)

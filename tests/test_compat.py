@@ -1,0 +1,79 @@
+"""The framework internals in mnist_dist/compat.py still exist in the installed Keras and Ray.
+
+Each test names the internal it checks, so an upgrade that moves one fails here, loudly,
+rather than as a wrong sum or a silent slowdown in a training run.
+"""
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+from mnist_dist import compat
+
+
+def test_the_installed_keras_and_ray_are_the_tested_minor_versions():
+    import keras
+    import ray
+
+    compat.check_version("keras", keras.__version__, compat.KERAS_TESTED)
+    compat.check_version("ray", ray.__version__, compat.RAY_TESTED)
+
+
+def test_another_minor_version_is_one_line_that_names_the_fix():
+    with pytest.raises(compat.CompatError) as caught:
+        compat.check_version("keras", "3.16.0", "3.15")
+    message = str(caught.value)
+    assert "\n" not in message and "keras 3.16.0 is installed" in message and 'pip install "keras==3.15.*"' in message
+
+
+def test_pyproject_pins_keras_and_ray_to_the_tested_minor_versions():
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    major, minor = compat.KERAS_TESTED.split(".")
+    assert f'"keras>={compat.KERAS_TESTED},<{major}.{int(minor) + 1}"' in pyproject
+    major, minor = compat.RAY_TESTED.split(".")
+    assert f'"ray[default,train]>={compat.RAY_TESTED},<{major}.{int(minor) + 1}"' in pyproject
+
+
+def test_keras_still_sums_replica_gradients_through_the_hook_the_step_optimizer_overrides():
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    assert "self._all_reduce_sum_gradients(" in inspect.getsource(TFOptimizer._backend_update_step)
+    from mnist_dist.optimizers import StepAdam, StepSGD
+
+    for step_class in (StepAdam, StepSGD):
+        assert step_class._all_reduce_sum_gradients is compat.PresummedGradients._all_reduce_sum_gradients
+        assert issubclass(step_class, TFOptimizer)
+
+
+def test_keras_still_updates_each_variable_through_update_step():
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    assert "self.update_step(" in inspect.getsource(TFOptimizer._distributed_tf_update_step)
+    import keras
+
+    for optimizer_class in (keras.optimizers.Adam, keras.optimizers.SGD):
+        assert list(inspect.signature(optimizer_class.update_step).parameters) == ["self", "gradient", "variable", "learning_rate"]
+
+
+def test_ray_train_v2_still_has_its_framework_neutral_trainer():
+    from ray.train.backend import BackendConfig
+
+    trainer = compat.data_parallel_trainer()
+    assert "backend_config" in inspect.signature(trainer.__init__).parameters
+    assert BackendConfig().framework is None  # mnist_dist.ray_backend leaves it unset
+
+
+@pytest.mark.parametrize("name", [*compat.LOCAL_RAY_TRAIN_ENV, *compat.NO_DASHBOARD_ENV, *compat.LOOPBACK_ENV])
+def test_ray_still_reads_each_environment_setting(name):
+    import ray
+
+    root = Path(ray.__file__).parent
+    constants = [root / "train" / "v2" / "_internal" / "constants.py", root / "_private" / "ray_constants.py"]
+    assert any(f'"{name}"' in path.read_text() for path in constants), f"Ray {ray.__version__} no longer reads {name}"
+
+
+def test_the_loggers_quieted_by_name_still_exist():
+    assert compat.report_logger_name() is not None
+    module = importlib.import_module(compat.PLACEMENT_GROUP_CLEANER_LOGGER)
+    assert "logger" in vars(module)

@@ -93,9 +93,6 @@ def init_ray(config: TrainConfig) -> None:
     else:
         # Propagated from the driver to Ray Train's controller; see compat.LOCAL_RAY_TRAIN_ENV.
         compat.set_default_env(compat.LOCAL_RAY_TRAIN_ENV)
-        # Token authentication stays on, as Ray 2.60 does by default for a new local Ray;
-        # said explicitly, Ray skips its start-up warning that one may opt out.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         if not config.dashboard:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_placement_group_cleaner"
         # address="local": always a Ray of its own. Without it, ray.init() joins any cluster a
@@ -167,13 +164,19 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
 
 
 def keep_ray_on_loopback(config: TrainConfig) -> None:
-    """The embedded local Ray listens on 127.0.0.1 only, unless --expose-ray.
+    """The embedded local Ray listens on 127.0.0.1 only, unless --expose-ray, and checks
+    Ray's auth token either way. Both settings are read when `ray` is imported.
 
-    See compat.LOOPBACK_ENV; tests/test_security.py checks every listener.
+    Token authentication is what Ray 2.60 turns on by default for a new local Ray; asked
+    for explicitly (RAY_AUTH_MODE, Ray's documented setting), Ray leaves out its start-up
+    warning that one may opt out. A user's own RAY_AUTH_MODE wins. See compat.LOOPBACK_ENV;
+    tests/test_security.py checks every listener.
     """
-    if config.address or config.expose_ray or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "ray" in sys.modules:
-        return  # a cluster of several nodes, asked to, or too late (ray already imported in this process)
-    compat.set_default_env(compat.LOOPBACK_ENV)
+    if config.address or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "ray" in sys.modules:
+        return  # a cluster of several nodes, or too late (ray already imported in this process)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not config.expose_ray:
+        compat.set_default_env(compat.LOOPBACK_ENV)
 
 
 def _fit(config: TrainConfig, log) -> dict[str, Any]:

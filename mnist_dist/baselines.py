@@ -19,7 +19,7 @@ NAMES = ("logreg", "mlp")
 
 
 def build(name: str, hidden: int = 512):
-    from mnist_dist.runtime import import_tensorflow
+    from mnist_dist.process_setup import import_tensorflow
 
     import_tensorflow()
     import keras

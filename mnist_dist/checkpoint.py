@@ -80,7 +80,7 @@ def restore_into(model, directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(directory: str | os.PathLike):
     """The trained Keras model of a checkpoint, for evaluation and export."""
-    from mnist_dist.runtime import import_tensorflow
+    from mnist_dist.process_setup import import_tensorflow
 
     import_tensorflow()
     import keras

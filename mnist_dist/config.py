@@ -63,7 +63,7 @@ class TrainConfig:
     workers: int = 2
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0  # below 1: workers share a GPU (Ray's fractional GPUs)
-    # CPU workers that fill their node's CPUs each keep to their own (runtime.cores_to_pin).
+    # CPU workers that fill their node's CPUs each keep to their own (process_setup.cores_to_pin).
     pin_cpus: bool = True
     address: str | None = None  # None: embedded local Ray
     dashboard: bool = False  # the embedded local Ray's dashboard (http://127.0.0.1:8265)

@@ -27,7 +27,7 @@ DIVERGED_FILE = "diverged.json"  # rank 0 tells the driver that the loss stopped
 
 def worker_main(config_dict: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
-    from mnist_dist import runtime
+    from mnist_dist import process_setup
 
     config = TrainConfig.from_dict(config_dict)
     if not config.synthetic:
@@ -35,23 +35,23 @@ def worker_main(config_dict: dict[str, Any]) -> None:
         config = config.replace(data_dir=str(dir_on_this_node(config.data_dir)))
     session = RaySession(run_dir(config))
     pinned = pin_worker(config, session)  # before TensorFlow starts its thread pools
-    runtime.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
+    process_setup.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
     if os.environ.get(PID_DIR_ENV):
         import ray
 
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.node").write_text(ray.get_runtime_context().get_node_id())
-    runtime.quiet_worker_logs()
+    process_setup.quiet_worker_logs()
     if pinned and session.rank == 0:
-        runtime.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
+        process_setup.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
-    plan = runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker)
+    plan = process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker)
     if plan.use_gpu and session.rank == 0:
-        runtime.console(runtime.gpu_line(plan, runtime.cluster_size()))
-    strategy = runtime.make_strategy(plan)
+        process_setup.console(process_setup.gpu_line(plan, process_setup.cluster_size()))
+    strategy = process_setup.make_strategy(plan)
     from mnist_dist.loop import Trainer, TrainingDiverged
 
-    trainer = Trainer(config, session, strategy=strategy, log=runtime.console)
+    trainer = Trainer(config, session, strategy=strategy, log=process_setup.console)
     try:
         trainer.run()
     except TrainingDiverged as exc:
@@ -63,15 +63,15 @@ def worker_main(config_dict: dict[str, Any]) -> None:
 
 
 def pin_worker(config: TrainConfig, session: RaySession) -> set[int] | None:
-    """Pin this CPU worker's threads when the run's workers fill the node (runtime.cores_to_pin)."""
-    from mnist_dist import runtime
+    """Pin this CPU worker's threads when the run's workers fill the node (process_setup.cores_to_pin)."""
+    from mnist_dist import process_setup
 
     if not config.pin_cpus or config.gpus_per_worker or not hasattr(os, "sched_setaffinity"):
         return None
-    cores = runtime.cores_to_pin(session.local_rank, session.local_world_size, config.cpus_per_worker,
+    cores = process_setup.cores_to_pin(session.local_rank, session.local_world_size, config.cpus_per_worker,
                                  os.sched_getaffinity(0))
     if cores:
-        runtime.pin_threads(cores)
+        process_setup.pin_threads(cores)
     return cores
 
 
@@ -145,9 +145,9 @@ def scaling_config(config: TrainConfig):
     """What each of the N workers asks Ray for (CPUs, and GPUs when --gpus-per-worker > 0)."""
     from ray.train import ScalingConfig
 
-    from mnist_dist import runtime
+    from mnist_dist import process_setup
 
-    plan = runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker)
+    plan = process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker)
     return ScalingConfig(num_workers=config.workers, use_gpu=plan.use_gpu,
                          resources_per_worker=plan.resources_per_worker)
 

@@ -22,11 +22,11 @@ def train_in_process(config: TrainConfig, log=print) -> dict[str, Any]:
 
 
 def _train(config: TrainConfig, log) -> dict[str, Any]:
-    from mnist_dist import results, rundir, runtime
+    from mnist_dist import process_setup, results, rundir
     from mnist_dist.loop import train
     from mnist_dist.sessions import DirectorySession
 
-    runtime.configure_process(config.cpus_per_worker, use_gpu=False)
+    process_setup.configure_process(config.cpus_per_worker, use_gpu=False)
     run_dir = rundir.run_dir(config)
     session = DirectorySession(run_dir)
     started = time.perf_counter()

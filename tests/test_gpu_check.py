@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist import runtime
+from mnist_dist import process_setup
 from mnist_dist.cli import build_parser, config_from_args
 from mnist_dist.config import ConfigError, TrainConfig
 
@@ -47,7 +47,7 @@ def test_one_gpu_worker_asks_ray_for_a_whole_gpu(dry_run):
     assert (config.workers, config.gpus_per_worker, config.precision) == (1, 1, "fp32")
     scaling = scaling_config(config)
     assert scaling.use_gpu and scaling.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
-    assert runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker).collective == "NCCL"
+    assert process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker).collective == "NCCL"
 
 
 def test_bf16_on_a_gpu_is_allowed_and_sums_gradients_in_fp32(dry_run):
@@ -64,12 +64,12 @@ def test_two_workers_sharing_one_gpu_use_ring_not_nccl(dry_run):
     assert (config.workers, config.gpus_per_worker) == (2, 0.5)
     scaling = scaling_config(config)
     assert scaling.use_gpu and scaling.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
-    assert runtime.device_plan(config.cpus_per_worker, config.gpus_per_worker).collective == "RING"
+    assert process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker).collective == "RING"
 
 
 @pytest.mark.parametrize("gpus, collective", [(0, "RING"), (0.25, "RING"), (0.5, "RING"), (1, "NCCL"), (2, "NCCL")])
 def test_nccl_only_when_each_worker_has_a_gpu_of_its_own(gpus, collective):
-    plan = runtime.device_plan(1, gpus)
+    plan = process_setup.device_plan(1, gpus)
     assert plan.collective == collective and plan.use_gpu == (gpus > 0)
 
 
@@ -80,7 +80,7 @@ def test_a_gpu_count_that_cannot_work_is_refused(gpus):
 
 
 def test_the_gpu_line_says_what_tensorflow_sees():
-    line = runtime.gpu_line(runtime.device_plan(1, 0.5), workers=2)
+    line = process_setup.gpu_line(process_setup.device_plan(1, 0.5), workers=2)
     assert line == "GPU worker: TensorFlow sees 0 GPU(s) (none); collective RING"  # no GPU here
 
 

@@ -4,33 +4,33 @@ import os
 
 import pytest
 
-from mnist_dist import machine, runtime
+from mnist_dist import machine, process_setup
 
 
 def test_cpu_workers_ask_for_cpus_and_use_the_ring_all_reduce():
-    plan = runtime.device_plan(cpus_per_worker=2, gpus_per_worker=0)
-    assert plan == runtime.DevicePlan(use_gpu=False, resources_per_worker={"CPU": 2.0}, collective="RING")
+    plan = process_setup.device_plan(cpus_per_worker=2, gpus_per_worker=0)
+    assert plan == process_setup.DevicePlan(use_gpu=False, resources_per_worker={"CPU": 2.0}, collective="RING")
 
 
 def test_gpu_workers_ask_for_gpus_and_use_nccl():
-    plan = runtime.device_plan(cpus_per_worker=4, gpus_per_worker=1)
+    plan = process_setup.device_plan(cpus_per_worker=4, gpus_per_worker=1)
     assert plan.use_gpu and plan.collective == "NCCL"
     assert plan.resources_per_worker == {"CPU": 4.0, "GPU": 1.0}
 
 
 def test_thread_pools_follow_the_cpu_allotment():
-    env = runtime.thread_env(3)
+    env = process_setup.thread_env(3)
     assert env["OMP_NUM_THREADS"] == env["TF_NUM_INTRAOP_THREADS"] == env["MKL_NUM_THREADS"] == "3"
     assert env["TF_NUM_INTEROP_THREADS"] == "3"
-    assert runtime.thread_env(0)["OMP_NUM_THREADS"] == "1"
+    assert process_setup.thread_env(0)["OMP_NUM_THREADS"] == "1"
 
 
 def test_cluster_size_comes_from_tf_config(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert runtime.cluster_size() == 1
+    assert process_setup.cluster_size() == 1
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2", "c:3"]},
                                                 "task": {"type": "worker", "index": 0}}))
-    assert runtime.cluster_size() == 3
+    assert process_setup.cluster_size() == 3
 
 
 def test_launcher_asks_ray_for_the_planned_resources():
@@ -69,13 +69,13 @@ def test_gradient_allreduce_dtype_follows_precision_on_cpus_only():
 
 def test_cpu_workers_that_fill_the_node_each_get_their_own_cores():
     # 2 one-CPU workers on a 2-core machine: one core each.
-    assert runtime.cores_to_pin(0, 2, 1, {0, 1}) == {0} and runtime.cores_to_pin(1, 2, 1, {0, 1}) == {1}
+    assert process_setup.cores_to_pin(0, 2, 1, {0, 1}) == {0} and process_setup.cores_to_pin(1, 2, 1, {0, 1}) == {1}
     # 2 two-CPU workers on the CPUs 4-7 this process may use: blocks of the allowed list.
-    assert runtime.cores_to_pin(1, 2, 2, {4, 5, 6, 7}) == {6, 7}
+    assert process_setup.cores_to_pin(1, 2, 2, {4, 5, 6, 7}) == {6, 7}
     # Workers that leave CPUs free share the node with other Ray work: no pinning.
-    assert runtime.cores_to_pin(0, 1, 1, {0, 1}) is None
+    assert process_setup.cores_to_pin(0, 1, 1, {0, 1}) is None
     # A container whose quota (2 workers x 1 CPU) is below the host's 64 listed cores: no pinning.
-    assert runtime.cores_to_pin(0, 2, 1, set(range(64))) is None
+    assert process_setup.cores_to_pin(0, 2, 1, set(range(64))) is None
 
 
 def test_pinning_is_skipped_for_gpu_workers_and_on_request():
@@ -114,7 +114,7 @@ def test_hidden_modules_raise_inside_and_import_normally_after():
     import sys
 
     name = "mnist_dist_hidden_probe_module"
-    with runtime.hidden_modules(name, "json"):  # json is already imported: left alone
+    with process_setup.hidden_modules(name, "json"):  # json is already imported: left alone
         with pytest.raises(ImportError):
             __import__(name)
         assert sys.modules["json"] is json
@@ -127,17 +127,17 @@ def test_tensorflow_import_banner_is_held_back_and_nothing_else():
     import subprocess
     import sys
 
-    code = ("import os; from mnist_dist import runtime\n"
-            "with runtime.without_import_banner():\n"
+    code = ("import os; from mnist_dist import process_setup\n"
+            "with process_setup.without_import_banner():\n"
             "    os.write(2, b'a real warning\\n')\n"
-            "runtime.configure_process(1, use_gpu=False)\n"
+            "process_setup.configure_process(1, use_gpu=False)\n"
             "import tensorflow as tf; print(tf.constant(2).numpy())\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr
     assert "a real warning" in proc.stderr
-    for banner in runtime.IMPORT_BANNER:
+    for banner in process_setup.IMPORT_BANNER:
         assert banner not in proc.stderr
     # Without the filter the same import prints them, so the check above can fail.
     bare = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
-    assert runtime.IMPORT_BANNER[1] in bare.stderr
+    assert process_setup.IMPORT_BANNER[1] in bare.stderr

@@ -15,17 +15,43 @@ keras = compat.keras_checked()
 
 
 class XlaUpdates:
-    """Mixin: each variable's update runs as one XLA program. Keras' Adam updates a variable
-    in about ten full-size passes, which XLA fuses into one; one program per variable,
-    since each closes over its own variable and slots."""
+    """Mixin: each variable's update, with its L2 penalty's gradient, runs as one XLA program.
+
+    Keras' Adam updates a variable in about ten full-size passes, which XLA fuses into one.
+    The penalty's gradient (2 l w) joins the gradient there, after the exchange: every
+    replica adds the same penalty gradient to the same sum, which is the gradient of the
+    penalized loss. One program per variable, since each closes over its own variable and slots.
+    """
+
+    def add_l2_gradients(self, model, strategy) -> None:
+        """Adds each L2-penalized variable's 2 l w in its update; call once, before the first step.
+
+        The optimizer is handed each replica's own copy of a variable, so they are listed
+        per replica (`strategy.experimental_local_results`).
+        """
+        scales = self.__dict__.setdefault("_l2_scales", {})
+        for variable in model.trainable_variables:
+            regularizer = getattr(variable, "regularizer", None)
+            if regularizer is None:
+                continue
+            if not isinstance(regularizer, keras.regularizers.L2):
+                raise NotImplementedError(f"{variable.path}: the step adds only L2 penalties, not {type(regularizer).__name__}")
+            for copy in strategy.experimental_local_results(variable.value):
+                scales[id(copy)] = 2.0 * regularizer.l2
 
     def update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
 
         programs: dict[int, Callable] = self.__dict__.setdefault("_xla_programs", {})
         if id(variable) not in programs:
-            keras_update = super().update_step
-            programs[id(variable)] = tf.function(lambda g, lr: keras_update(g, variable, lr), jit_compile=True)
+            keras_update, scale = super().update_step, self.__dict__.get("_l2_scales", {}).get(id(variable))
+
+            def update(gradient, learning_rate):
+                if scale is not None:
+                    gradient = gradient + tf.cast(scale * variable, gradient.dtype)
+                keras_update(gradient, variable, learning_rate)
+
+            programs[id(variable)] = tf.function(update, jit_compile=True)
         programs[id(variable)](gradient, learning_rate)
 
 
@@ -45,27 +71,3 @@ def make_optimizer(config: TrainConfig, learning_rate, for_step: bool = False):
     if config.optimizer == "adam":
         return (StepAdam if for_step else keras.optimizers.Adam)(learning_rate)
     return (StepSGD if for_step else keras.optimizers.SGD)(learning_rate, momentum=config.momentum)
-
-
-def penalty_gradients(model) -> Callable[[list], list]:
-    """Adds each weight penalty's gradient to the summed gradients, in variable order.
-
-    Added after the exchange: every replica adds the same penalty gradient to the same sum,
-    which is the gradient of the penalized loss. An L2 penalty's gradient is written out
-    (2 l w, one pass) rather than taken by autodiff, which builds several passes per kernel.
-    """
-    import tensorflow as tf
-
-    variables = model.trainable_variables
-    regularizers = [getattr(v, "regularizer", None) for v in variables]
-
-    def gradient_of(regularizer, variable, gradient):
-        if regularizer is None:
-            return gradient
-        if isinstance(regularizer, keras.regularizers.L2):
-            return gradient + tf.cast(2.0 * regularizer.l2 * variable, gradient.dtype)
-        with tf.GradientTape() as tape:
-            penalty = regularizer(variable)
-        return gradient + tf.cast(tape.gradient(penalty, variable), gradient.dtype)
-
-    return lambda grads: [gradient_of(r, v, g) for r, v, g in zip(regularizers, variables, grads)]

@@ -51,14 +51,12 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
     import keras
     import tensorflow as tf
 
-    from mnist_dist.optimizers import penalty_gradients
-
     replicas = strategy.num_replicas_in_sync
     exchange = gradients.GradientExchange(model, global_batch // replicas, replicas, allreduce)
-    with_penalty = penalty_gradients(model)
+    optimizer.add_l2_gradients(model, strategy)
     variables = model.trainable_variables
 
-    # The penalty's value, for the reported loss only; its gradient is `with_penalty`'s.
+    # The penalty's value, for the reported loss only; the optimizer adds its gradient.
     def penalty():
         return tf.add_n(model.losses) if model.losses else tf.constant(0.0)
 
@@ -70,7 +68,7 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
         reported = loss + tf.nn.scale_regularization_loss(penalty())  # read before the update
-        optimizer.apply_gradients(zip(with_penalty(exchange(tape, loss, taps)), variables))
+        optimizer.apply_gradients(zip(exchange(tape, loss, taps), variables))
         wrong = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) != labels, tf.float32))
         return reported, wrong
 

@@ -182,3 +182,27 @@ def test_int8_drop_rule_counts_exactly_the_limit_as_passing():
 
     assert int8_rule(0.9635, 0.9625)["passed"]  # 10 of 10,000 images: exactly 0.1 pp (seen failing in CI)
     assert not int8_rule(0.9635, 0.9624)["passed"]
+
+
+def test_the_edge_model_exports_lean_small_and_exact(tmp_path, mnist_dir):
+    """models.edge as a device gets it: batch norm folded, no Transpose, an int8 file far
+    under 150 KB, and ONNX Runtime's logits equal Keras' (untrained weights, real digits)."""
+    import keras
+
+    from mnist_dist.data import load, normalize
+    from mnist_dist.models import build
+    from mnist_edge.runtime import open_session
+
+    keras.utils.set_random_seed(0)
+    model = build("edge")
+    images = normalize(load(mnist_dir, val_size=1000, train_limit=512).train_x[:512])
+    model(images[:256], training=True)  # moves the batch-norm statistics off their initial values
+    proto = onnx_graph.fold_flatten_transpose(onnx_graph.convert(model, 17))
+    ops = onnx_graph.op_types(proto)  # an untrained, all-zero bias may be folded away: no Add then
+    assert ops[:9] == ["Reshape", "Conv", "Relu", "Conv", "Relu", "Conv", "Relu", "Flatten", "MatMul"], ops
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    onnx.save(proto, fp32)
+    export_mod.quantize_int8(fp32, int8, images, tmp_path)
+    assert int8.stat().st_size <= 150_000 and fp32.stat().st_size <= 300_000
+    logits = open_session(fp32, threads=1).run(None, {"image": images[:64]})[0]
+    np.testing.assert_allclose(logits, model(images[:64], training=False).numpy(), atol=1e-4)

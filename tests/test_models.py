@@ -37,3 +37,11 @@ def test_bf16_policy_keeps_float32_logits():
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="tf-tutorial, lenet5, cnn-bn, cnn-deep"):
         models.build("resnet")
+
+
+def test_the_edge_preset_trains_the_edge_model_on_mildly_augmented_images():
+    from mnist_dist.config import preset
+
+    edge = preset("edge")
+    assert (edge.model, edge.epochs, edge.global_batch_size, edge.optimizer) == ("edge", 30, 128, "adam")
+    assert edge.augment and (edge.rotate, edge.zoom) == (8.0, 0.05) and edge.l2 == 0.0

@@ -1,4 +1,4 @@
-"""How the replicas' gradients are combined and applied: the heart of the synchronous step.
+"""How the replicas exchange their gradients: the heart of the synchronous step.
 
 Every replica computes gradients on its slice of the global batch, the replicas exchange
 them, and every replica applies the same sum, so the weights stay identical.

@@ -8,7 +8,7 @@ import os
 import sys
 
 from mnist_dist import training
-from mnist_dist.config import MODELS
+from mnist_dist.config import MODELS, PRESETS
 
 
 # ---------------------------------------------------------------- data
@@ -59,7 +59,7 @@ TRAIN_OPTIONS = {
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", help="default | tutorial | best | smoke (options below override it)")
+    parser.add_argument("--preset", default="default", help=" | ".join(PRESETS) + " (options below override it)")
     for flag, (_field, kind, help_text) in TRAIN_OPTIONS.items():
         parser.add_argument(flag, *ALIASES.get(flag, ()), type=kind, default=None, help=help_text)
     parser.add_argument("--augment", action="store_true", default=None, help="shift training images by up to 2 px")

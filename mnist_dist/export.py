@@ -259,7 +259,7 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
             # The run's name and the checkpoint's digest: what identifies the weights on any
             # machine, where the training machine's paths would mean nothing.
             "mnist_dist.run": config.name or objectstore.name(str(run_dir or ckpt_dir)),
-            "mnist_dist.checkpoint": checkpoint_name(ckpt_dir, run_dir),
+            "mnist_dist.checkpoint": objectstore.name(str(ckpt_dir)),
             "mnist_dist.checkpoint_sha256": state["model_sha256"],
             "mnist_dist.opset": str(opset),
         }

@@ -6,6 +6,7 @@ and leaves best.json and result.json in the run directory (see mnist_dist.result
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 import time
@@ -75,12 +76,17 @@ def pin_worker(config: TrainConfig, session: RaySession) -> set[int] | None:
     return cores
 
 
+def ray_address(config: TrainConfig) -> str | None:
+    """The cluster to join (--address, else RAY_ADDRESS), or None for an embedded local Ray."""
+    return config.address or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(config: TrainConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    address = config.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(config)
     # Not MNIST_DATA_DIR: the driver settles it into the config as an absolute path (data.settle_dir).
     env_vars = {k: v for k, v in os.environ.items() if k in ("MNIST_DIST_CACHE", PID_DIR_ENV)}
     runtime_env = {"env_vars": {**env_vars, "TF_CPP_MIN_LOG_LEVEL": "2"}}
@@ -172,7 +178,7 @@ def keep_ray_on_loopback(config: TrainConfig) -> None:
     warning that one may opt out. A user's own RAY_AUTH_MODE wins. See compat.LOOPBACK_ENV;
     tests/test_security.py checks every listener.
     """
-    if config.address or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "ray" in sys.modules:
+    if ray_address(config) or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "ray" in sys.modules:
         return  # a cluster of several nodes, or too late (ray already imported in this process)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not config.expose_ray:
@@ -182,6 +188,9 @@ def keep_ray_on_loopback(config: TrainConfig) -> None:
 def _fit(config: TrainConfig, log) -> dict[str, Any]:
     keep_ray_on_loopback(config)  # before `import ray`
     compat.ray_checked()
+    # The workers import Keras, not the driver: a wrong Keras is one line here rather than
+    # a failed worker group, retried --max-failures times.
+    compat.check_version("keras", importlib.metadata.version("keras"), compat.KERAS_TESTED)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, WorkerGroupError
 
     from mnist_dist.ray_backend import TfConfig

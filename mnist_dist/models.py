@@ -66,7 +66,7 @@ def cnn_bn(l2: float, dtype: str) -> keras.Model:
     """The tutorial CNN with batch norm after each conv and the hidden dense layer.
 
     Trained with shifted images it reaches 99.56% here. Batch norm folds into the
-    convolutions at export, so the edge model costs what the tutorial CNN costs.
+    convolutions at export, so its ONNX model costs what the tutorial CNN's costs.
     """
     def conv_bn(filters: int) -> list[layers.Layer]:
         return [layers.Conv2D(filters, 5, padding="same", use_bias=False, dtype=dtype),

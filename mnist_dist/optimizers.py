@@ -52,7 +52,14 @@ class XlaUpdates:
                 keras_update(gradient, variable, learning_rate)
 
             programs[id(variable)] = tf.function(update, jit_compile=True)
+            if scale is not None:
+                self.__dict__.setdefault("_penalized", set()).add(id(variable))
         programs[id(variable)](gradient, learning_rate)
+
+    def penalized_updates(self) -> int:
+        """How many of the variable copies updated so far had their L2 gradient added: every
+        penalized variable times the replicas, or Keras hands the update other objects."""
+        return len(self.__dict__.get("_penalized", ()))
 
 
 @keras.saving.register_keras_serializable("mnist_dist")
@@ -67,7 +74,7 @@ class StepAdam(compat.PresummedGradients, XlaUpdates, keras.optimizers.Adam):
 
 def make_optimizer(config: TrainConfig, learning_rate, for_step: bool = False):
     """The configured optimizer; `learning_rate` is a float or a schedule. `for_step`: the
-    train step's variant (mnist_dist.loop), else Keras' own, as `model.fit` wants it."""
+    train step's variant (mnist_dist.step), else Keras' own, as `model.fit` wants it."""
     if config.optimizer == "adam":
         return (StepAdam if for_step else keras.optimizers.Adam)(learning_rate)
     return (StepSGD if for_step else keras.optimizers.SGD)(learning_rate, momentum=config.momentum)

@@ -151,8 +151,11 @@ def configure_process(cpus: int, use_gpu: bool) -> None:
     with hidden_modules("matplotlib"), without_import_banner():
         import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(cpus)
-    tf.config.threading.set_inter_op_parallelism_threads(cpus)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+    except RuntimeError:  # TensorFlow already ran in this process (a notebook, a test): its pools stay
+        pass
     if use_gpu:
         # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPUs, so TF sees only its own.
         for gpu in tf.config.list_physical_devices("GPU"):

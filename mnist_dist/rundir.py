@@ -29,7 +29,7 @@ def storage_path(storage: str) -> str:
     """Ray wants an absolute local path or a URI (s3://, gs://, NFS mount path); file:// is a local path."""
     if storage.startswith("file://"):
         storage = storage.removeprefix("file://")
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    return storage if objectstore.is_uri(storage) else str(Path(storage).expanduser().resolve())
 
 
 def run_dir(config: TrainConfig) -> str:
@@ -267,7 +267,7 @@ def check_storage_reachable(storage: str, node_hosts: set[str], mounts: str | No
     Ray Train fails only when a worker on another host reports its first checkpoint, after
     training has started; nodes on one host (as in the tests) share its disks.
     """
-    if "://" in storage or len(node_hosts) <= 1:
+    if objectstore.is_uri(storage) or len(node_hosts) <= 1:
         return
     kind = filesystem_type(storage, mounts)
     if kind in SHARED_FILESYSTEMS or kind.startswith("fuse"):

@@ -106,7 +106,7 @@ def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
 
     A batch of MNIST needs no tuning, and the autotuner adds a background thread to every
     iterator on workers that own one core each. (It was the first suspect for the epoch-end
-    stall described in loop.train; turning it off alone did not remove that stall.)
+    stall described in docs/design.md#the-input-pipeline; turning it off alone did not remove it.)
     """
     options = tf.data.Options()
     options.autotune.enabled = False

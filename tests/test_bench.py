@@ -27,35 +27,28 @@ def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
-def test_bench_infer_measures_tensorflow_and_both_onnx_models(exported, tmp_path):
-    out = tmp_path / "infer.json"
-    proc = run_cli("bench", "infer", "--export", exported["dir"], "--iterations", "20", "--profile", "--json", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    figures = json.loads(out.read_text())
-    (entry,) = figures["exports"]
-    runtimes = entry["runtimes"]
-    profile = figures["profile"][entry["label"]]
-    ops = {op for op, _node, _us in profile["fp32"]}
-    assert {"Gemm", "FusedGemm"} & ops and any(op.startswith("Conv") or op == "FusedConv" for op in ops), ops
-    assert any(op.startswith("QLinear") or op == "QGemm" for op, _n, _u in profile["int8"])
-    assert "floor: one numpy matrix-vector product" in proc.stdout
-    assert set(runtimes) == {"tensorflow", "onnxruntime fp32", "onnxruntime int8"}
-    for row in runtimes.values():
-        assert row["latency_us_p99"] >= row["latency_us_p50"] > 0 and row["b256_img_s_1t"] > 0
-    assert runtimes["onnxruntime int8"]["size_bytes"] < runtimes["onnxruntime fp32"]["size_bytes"]
-
-
-@pytest.mark.slow  # exports
-def test_bench_infer_compares_several_exports_in_one_run(exported, tmp_path):
+def test_bench_infer_measures_tensorflow_and_both_onnx_models_of_several_exports(exported, tmp_path):
     out = tmp_path / "infer.json"
     proc = run_cli("bench", "infer", "--export", exported["dir"], "--run", exported["dir"].parent,
-                   "--iterations", "10", "--json", out)
+                   "--iterations", "10", "--profile", "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    first, second = json.loads(out.read_text())["exports"]
+    figures = json.loads(out.read_text())
+    first, second = figures["exports"]
+    # The same export twice, side by side: told apart by the run's name.
     assert first["model"] == second["model"] == "tf-tutorial"
     assert first["label"] == "tf-tutorial" and second["label"] == f"tf-tutorial ({exported['dir'].parent.name})"
     rows = [line for line in proc.stdout.splitlines() if line.startswith("tf-tutorial")]
     assert len(rows) == 6 and sum("onnxruntime int8" in row for row in rows) == 2 and "p50 / first int8" in proc.stdout
+    runtimes = first["runtimes"]
+    assert set(runtimes) == {"tensorflow", "onnxruntime fp32", "onnxruntime int8"}
+    for row in runtimes.values():
+        assert row["latency_us_p99"] >= row["latency_us_p50"] > 0 and row["b256_img_s_1t"] > 0
+    assert runtimes["onnxruntime int8"]["size_bytes"] < runtimes["onnxruntime fp32"]["size_bytes"]
+    profile = figures["profile"][first["label"]]
+    ops = {op for op, _node, _us in profile["fp32"]}
+    assert {"Gemm", "FusedGemm"} & ops and any(op.startswith("Conv") or op == "FusedConv" for op in ops), ops
+    assert any(op.startswith("QLinear") or op == "QGemm" for op, _n, _u in profile["int8"])
+    assert "floor: one numpy matrix-vector product" in proc.stdout
 
 
 def test_bench_train_refuses_epochs_longer_than_the_training_set():

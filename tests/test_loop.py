@@ -29,6 +29,15 @@ def test_two_replicas_hold_bit_identical_weights(mirrored):
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
+def test_every_replicas_copy_of_a_penalized_weight_gets_its_l2_gradient(mirrored):
+    # The optimizer finds each copy by identity (optimizers.XlaUpdates): a copy it missed
+    # would train without its penalty, silently.
+    for replicas, penalized, updated in mirrored["l2_updates"]:
+        assert penalized > 0 and updated == replicas * penalized, mirrored["l2_updates"]
+    assert {replicas for replicas, _, _ in mirrored["l2_updates"]} == {1, 2}
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_batch_norm_statistics_drift_apart_until_the_epoch_end_sync(mirrored):
     assert mirrored["batch_norm_identical_before_sync"] is False
     assert mirrored["batch_norm_identical_after_sync"] is True
@@ -79,6 +88,7 @@ def test_gradients_summed_in_bf16_stay_identical_and_close_to_fp32(mirrored):
     assert mirrored["bf16_mean_weight_diff"] < 1e-3
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimizer):
     """The step adds the L2 penalty's gradient and runs the optimizer in XLA programs: the
@@ -176,6 +186,7 @@ def test_the_zoo_builds_the_big_dense_layer_linear_so_its_gradient_can_be_gather
     assert "call" not in vars(dense) and dense.activation is keras.activations.linear
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, capsys):
     config = TrainConfig(model="lenet5", epochs=1, batch_size=64, workers=1, optimizer="sgd", learning_rate=0.05, val_size=2000,
                          train_limit=19200, eval_every=100, data_dir=str(mnist_dir))
@@ -190,6 +201,7 @@ def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, caps
     assert (tmp_path / "checkpoint_epoch001" / "state.json").is_file()
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_resume_continues_step_epoch_and_learning_rate(tmp_path):
     config = TrainConfig(model="lenet5", epochs=1, batch_size=50, workers=1, synthetic=True, train_limit=1000,
                          val_size=200, eval_every=1000)
@@ -219,6 +231,7 @@ def test_the_time_line_counts_only_the_epochs_this_command_trained():
     assert "before" not in time_line(history, wall_seconds=200.0)
 
 
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_half_written_checkpoint_is_never_taken(tmp_path):
     from mnist_dist import checkpoint as ckpt
 

@@ -77,7 +77,7 @@ def test_augmentation_ranges_are_checked(field, value):
 
 
 def test_input_pipelines_run_without_the_autotuner():
-    # Fixed parallelism: one background tuning thread fewer per iterator (pipeline.without_autotune).
+    # Fixed parallelism: one background tuning thread fewer per iterator (tfdata.without_autotune).
     images, labels = np.zeros((256, 28, 28), np.uint8), np.zeros(256, np.int64)
     for ds in (train_dataset(images, labels, seed=0, epoch=0, global_batch=64, augment=True),
                eval_dataset(images, labels)):

@@ -18,6 +18,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 data = load(sys.argv[1], val_size=1000, train_limit=2048)
 STEPS = 8
+L2_UPDATES = []  # [replicas, penalized variables, variable copies whose update added the L2 gradient] per run
 LR = {"adam": 0.002, "sgd": 0.05}  # the default preset's and the smoke preset's
 
 
@@ -39,6 +40,8 @@ def run(strategy, per_replica_batch, model_name="lenet5", allreduce="fp32", per_
     for steps in steps_per_call(0, STEPS, eval_every=10**9, per_call=per_call):
         losses.append(float(step(next_chunk(steps), steps)[1]))
     assert int(optimizer.iterations.numpy()) == STEPS
+    penalized = sum(getattr(v, "regularizer", None) is not None for v in model.trainable_variables)
+    L2_UPDATES.append([strategy.num_replicas_in_sync, penalized, optimizer.penalized_updates()])
     if model_name != "lenet5":
         # Batch norm: each replica's moving statistics follow its own half of the batch until
         # the epoch-end sync averages them.
@@ -74,7 +77,7 @@ bn_before, bn_after = run(mirrored, 32, "cnn-bn")
 bf16_sum, bf16_identical, w3, _ = run(mirrored, 32, allreduce="bf16")
 # 3 steps per call: calls of 3, 3 and 2 steps, the last one cut short.
 chunked, chunked_identical, w4, _ = run(mirrored, 32, per_call=3)
-print(json.dumps({"single": single, "double": double, "replicas": [1, mirrored.num_replicas_in_sync], "replicas_identical": identical,
+print(json.dumps({"l2_updates": L2_UPDATES, "single": single, "double": double, "replicas": [1, mirrored.num_replicas_in_sync], "replicas_identical": identical,
                   "batch_norm_identical_before_sync": bn_before, "batch_norm_identical_after_sync": bn_after,
                   "max_weight_diff": max_diff(w1, w2), "mean_weight_diff": mean_over_weights(w1, w2),
                   "sgd_single": sgd_single, "sgd_double": sgd_double, "sgd_replicas_identical": sgd_identical,

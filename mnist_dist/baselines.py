@@ -7,12 +7,12 @@ the test set is scored once, as for the CNN.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from mnist_dist.store import Location
 
 BASELINES_FILE = "baselines.json"
 NAMES = ("logreg", "mlp")
@@ -63,12 +63,21 @@ MADE_BY = "mnist-dist baseline"
 OUT_FIX = "choose another --out file"
 
 
-def run(config, names=NAMES, epochs: int = 10, out: str | Path | None = None,
+def run(config, names=NAMES, epochs: int = 10, out: Location | None = None, run_dir: Location | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    from mnist_dist import objectstore, ownership
-    from mnist_dist.checkpoint import write_json_atomic
-    from mnist_dist.data import load_for
+    """Train each baseline on `config`'s data split; the results go to `out`, else RUN/baselines.json
+    (which `report` shows beside the CNN). Every output is checked before any training."""
+    from mnist_dist import ownership
+    from mnist_dist.data import load_for, verify_dir
 
+    if not config.synthetic:
+        verify_dir(config.data_dir)  # bad data fails first, in seconds
+    if run_dir is not None:
+        from mnist_dist.results import require_run_dir
+        require_run_dir(run_dir)
+    out = out or (run_dir / BASELINES_FILE if run_dir is not None else None)
+    if out is not None:
+        ownership.check_file_replaceable(out, MADE_BY, OUT_FIX)
     data = load_for(config)
     log(data.describe())
     rows = []
@@ -80,18 +89,15 @@ def run(config, names=NAMES, epochs: int = 10, out: str | Path | None = None,
         rows.append(row)
     result = {"baselines": rows, "data_source": data.source, "val_size": config.val_size,
               "train_images": len(data.train_y)}
-    if out:
+    if out is not None:
         result = {ownership.MADE_BY: MADE_BY, **result}
-        if objectstore.is_uri(out):  # a URI run's baselines.json, one put
-            objectstore.write_bytes(str(out), json.dumps(result, indent=2, sort_keys=True).encode())
-        else:
-            ownership.check_file_replaceable(out, MADE_BY, OUT_FIX)
-            write_json_atomic(Path(out), result)
+        ownership.check_file_replaceable(out, MADE_BY, OUT_FIX)  # again: minutes have passed
+        out.write_json(result)
         log(f"wrote {out}")
     return result
 
 
-def load(run_dir: str | Path) -> dict[str, Any] | None:
+def load(run_dir: Location) -> dict[str, Any] | None:
     from mnist_dist.rundir import read_json
 
-    return read_json(str(run_dir), BASELINES_FILE)
+    return read_json(run_dir, BASELINES_FILE)

@@ -86,8 +86,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    result = training.run(config, in_process=args.in_process)
+    result = training.run(config_from_args(args), in_process=args.in_process)
     print(json.dumps({k: result[k] for k in ("best_epoch", "best_val_accuracy", "test_accuracy", "best_checkpoint")}))
     return 0
 
@@ -101,58 +100,40 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing verified export")
 
 
-def export_options(args: argparse.Namespace) -> dict:
-    return {"opset": args.opset, "tolerance": args.tolerance, "max_int8_drop_pp": args.max_int8_drop,
-            "force": args.force, "calibration_images": args.calibration_images}
+def export_options(args: argparse.Namespace):
+    from mnist_dist.export import ExportOptions
+
+    return ExportOptions(opset=args.opset, tolerance=args.tolerance, max_int8_drop_pp=args.max_int8_drop,
+                         force=args.force, calibration_images=args.calibration_images)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mnist_dist.export import export
 
-    report = export(run=args.run, checkpoint=args.checkpoint, out=args.out, **export_options(args))
+    report = export(run=args.run, checkpoint=args.checkpoint, out=args.out, options=export_options(args))
     return 0 if report["verified"] else 1
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """The edge runtime's predict; an export at a URI is read from a local copy (the edge stays pyarrow-free)."""
+    """The edge runtime's predict, of an export anywhere the run store reaches: a bucket's is
+    read from a local copy, so the edge runtime itself stays pyarrow-free."""
     from mnist_edge.cli import run
 
-    from mnist_dist import objectstore
+    from mnist_dist.errors import RunError
+    from mnist_dist.store import Location
 
-    if not objectstore.is_uri(args.model):
-        return run(args)
-    try:
-        with objectstore.local_copy(args.model) as local:
-            return run(argparse.Namespace(**{**vars(args), "model": str(local)}))
-    except FileNotFoundError:
-        raise objectstore.RunError(f"{args.model}: nothing there. Fix: pass --model RUN/export of a run that was exported.") from None
+    model = Location.of(args.model)
+    if not model.exists():
+        raise RunError(f"{args.model}: nothing there. Fix: pass --model RUN/export of a run that was exported.")
+    with model.local_copy() as local:
+        return run(argparse.Namespace(**{**vars(args), "model": str(local)}))
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """train, then export the best checkpoint: what `ray job submit` and the RayJob run."""
-    from mnist_dist import rundir
+    from mnist_dist import pipeline
 
-    config = rundir.settle(config_from_args(args))
-    with rundir.locked(rundir.run_dir(config), "pipeline"):  # one writer from training to the export
-        return pipeline(args, config)
-
-
-def pipeline(args: argparse.Namespace, config) -> int:
-    from mnist_dist import objectstore
-    from mnist_dist.export import export, published
-
-    result = training.run(config, in_process=args.in_process)
-    out = args.export_dir or objectstore.join(result["run_dir"], "export")
-    # Run again (a retried Ray job, a re-applied RayJob), the pipeline finishes what is left.
-    previous = published(out)
-    best = objectstore.name(result["best_checkpoint"])
-    if previous is not None and objectstore.name(previous["checkpoint"]) == best:
-        print(f"verified export of {best} already in {out}: nothing to export")
-        return 0
-    options = export_options(args)
-    # An export of an earlier best checkpoint (the run has trained on since) is replaced.
-    options["force"] = options["force"] or previous is not None
-    report = export(run=result["run_dir"], out=out, **options)
+    report = pipeline.run(config_from_args(args), export_options(args), export_dir=args.export_dir,
+                          in_process=args.in_process)
     return 0 if report["verified"] else 1
 
 
@@ -165,21 +146,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from mnist_dist import baselines, objectstore, ownership
+    from mnist_dist import baselines
     from mnist_dist.config import TrainConfig
+    from mnist_dist.store import Location
 
     config = TrainConfig(data_dir=args.data_dir, synthetic=args.synthetic, train_limit=args.train_limit,
                          val_size=args.val_size, batch_size=args.batch_size, epochs=args.epochs).validate()
-    if not config.synthetic:
-        from mnist_dist import data
-        data.verify_dir(config.data_dir)
-    if args.run:
-        from mnist_dist.results import require_run_dir
-        require_run_dir(args.run)
-    out = args.out or (objectstore.join(args.run, baselines.BASELINES_FILE) if args.run else None)
-    if out and not objectstore.is_uri(out):  # before any training
-        ownership.check_file_replaceable(out, baselines.MADE_BY, baselines.OUT_FIX)
-    baselines.run(config, names=args.models, epochs=args.epochs, out=out)
+    baselines.run(config, names=args.models, epochs=args.epochs, out=Location.of(args.out) if args.out else None,
+                  run_dir=Location.of(args.run) if args.run else None)
     return 0
 
 

@@ -4,3 +4,7 @@ that names the problem and the fix, and exits 2. Anything else is a bug and keep
 
 class MnistDistError(Exception):
     """Input, a run or an environment the user can fix; the message says how."""
+
+
+class RunError(MnistDistError):
+    """A run, or the storage it lives in, that cannot be used; the message says why and what to do."""

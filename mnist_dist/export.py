@@ -6,9 +6,10 @@ rule passes is it renamed to the output directory. A failed export is moved to
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 import numpy as np
 from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION, META_SESSION
 
-from mnist_dist import machine, objectstore, onnx_graph, ownership
+from mnist_dist import machine, onnx_graph, ownership
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
-from mnist_dist.errors import MnistDistError
+from mnist_dist.errors import MnistDistError, RunError
+from mnist_dist.store import Location
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 # What the int8 model asks of ONNX Runtime (see quantize_int8).
@@ -31,44 +33,50 @@ class ExportError(MnistDistError):
     """An export that cannot be made or was refused; the message says which rule and why."""
 
 
-def resolve_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path | str, str | None]:
-    """(the checkpoint: a Path, or a URI, and the run it belongs to, absolute)."""
-    from mnist_dist.results import RunError, best_checkpoint
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """How an export is made and the rules it must pass (`mnist-dist export` flags)."""
 
-    if checkpoint:
-        return (checkpoint if objectstore.is_uri(checkpoint) else Path(checkpoint)), None
+    opset: int = 17
+    tolerance: float = 1e-4  # max |logit difference| fp32 vs TensorFlow
+    max_int8_drop_pp: float = 0.1  # max int8 accuracy loss, percentage points
+    calibration_images: int = 1000  # training images that calibrate int8
+    force: bool = False  # replace an existing verified export
+
+    def validate(self) -> ExportOptions:
+        """Every threshold is checked before anything is loaded: a rule that cannot fail verifies nothing."""
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ExportError(f"--tolerance must be a finite number >= 0, got {self.tolerance}. "
+                              "Fix: pass e.g. --tolerance 1e-4 (the default).")
+        if not (math.isfinite(self.max_int8_drop_pp) and 0 <= self.max_int8_drop_pp <= 100):
+            raise ExportError(f"--max-int8-drop must be a finite number of percentage points in [0, 100], got "
+                              f"{self.max_int8_drop_pp}. Fix: pass e.g. --max-int8-drop 0.1 (the default).")
+        if self.calibration_images < 1:
+            raise ExportError(f"--calibration-images must be >= 1, got {self.calibration_images}. "
+                              "Fix: pass e.g. --calibration-images 1000 (the default).")
+        if not onnx_graph.MIN_OPSET <= self.opset <= onnx_graph.MAX_OPSET:
+            raise ExportError(f"opset {self.opset} is not supported: tf2onnx 1.17 is tested with opsets "
+                              f"{onnx_graph.MIN_OPSET}..{onnx_graph.MAX_OPSET}. Fix: pass --opset 17 (the default) or "
+                              "another in that range.")
+        return self
+
+
+def resolve_checkpoint(run: Location | None, checkpoint: Location | None) -> tuple[Location, Location | None]:
+    """(the checkpoint, and the run it belongs to)."""
+    from mnist_dist.results import best_checkpoint
+
+    if checkpoint is not None:
+        return checkpoint, None
     try:
         path, _best = best_checkpoint(run)
     except RunError as exc:
         raise ExportError(str(exc)) from None
-    return path, run_location(run)
+    return path, run
 
 
-def run_location(run: str) -> str:
-    return str(run) if objectstore.is_uri(run) else str(Path(run).resolve())
-
-
-def check_thresholds(tolerance: float, max_int8_drop_pp: float, calibration_images: int) -> None:
-    """Every threshold is checked before anything is loaded: a rule that cannot fail verifies nothing."""
-    import math
-
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ExportError(f"--tolerance must be a finite number >= 0, got {tolerance}. Fix: pass e.g. --tolerance 1e-4 (the default).")
-    if not (math.isfinite(max_int8_drop_pp) and 0 <= max_int8_drop_pp <= 100):
-        raise ExportError(f"--max-int8-drop must be a finite number of percentage points in [0, 100], got {max_int8_drop_pp}. "
-                          "Fix: pass e.g. --max-int8-drop 0.1 (the default).")
-    if calibration_images < 1:
-        raise ExportError(f"--calibration-images must be >= 1, got {calibration_images}. Fix: pass e.g. --calibration-images 1000 (the default).")
-
-
-def checkpoint_name(ckpt_dir: Path | str, run_dir: str | None) -> str:
-    """The checkpoint relative to its run (`checkpoint_epoch002`), or its absolute path (or URI) outside one."""
-    if objectstore.is_uri(ckpt_dir):
-        inside = run_dir and objectstore.join(run_dir, objectstore.name(ckpt_dir)) == str(ckpt_dir)
-        return objectstore.name(ckpt_dir) if inside else str(ckpt_dir)
-    if run_dir and not objectstore.is_uri(run_dir) and Path(ckpt_dir).resolve().parent == Path(run_dir).resolve():
-        return Path(ckpt_dir).name
-    return str(Path(ckpt_dir).resolve())
+def checkpoint_name(checkpoint: Location, run: Location | None) -> str:
+    """The checkpoint relative to its run (`checkpoint_epoch002`), or where it is, outside one."""
+    return checkpoint.name if run is not None and checkpoint.parent == run else str(checkpoint)
 
 
 def report_checkpoint(report: dict[str, Any], export_dir: Path) -> Path:
@@ -84,20 +92,16 @@ def report_checkpoint(report: dict[str, Any], export_dir: Path) -> Path:
                       f"{report.get('run')}. Fix: pass the run's export, RUN/export, or --run RUN.")
 
 
-def read_report(out: Path | str) -> dict[str, Any] | None:
+def read_report(out: Location) -> dict[str, Any] | None:
     """The export's report.json, or None when it has none that can be read."""
     try:
-        if objectstore.is_uri(out):
-            data = objectstore.read_bytes(objectstore.join(str(out), REPORT_JSON))
-        else:
-            data = (Path(out) / REPORT_JSON).read_bytes() if (Path(out) / REPORT_JSON).is_file() else None
-        report = json.loads(data) if data is not None else None
-    except (OSError, ValueError):
+        report = (out / REPORT_JSON).read_json()
+    except (OSError, ValueError, RunError):
         return None
     return report if isinstance(report, dict) else None
 
 
-def published(out: Path | str) -> dict[str, Any] | None:
+def published(out: Location) -> dict[str, Any] | None:
     """The report of the verified export that `out` holds, if it holds one made by export."""
     if ownership.why_not_replaceable(out, "export") is not None:
         return None
@@ -105,14 +109,12 @@ def published(out: Path | str) -> dict[str, Any] | None:
     return report if report is not None and report.get("verified") is True else None
 
 
-def rejected_dir(out: Path | str) -> Path | str:
-    if objectstore.is_uri(out):
-        base, sep, query = str(out).partition("?")
-        return base.rstrip("/") + ".rejected" + sep + query
-    return out.with_name(out.name + ".rejected")
+def rejected_dir(out: Location) -> Location:
+    """Where a rejected export goes: `<out>.rejected`, beside it."""
+    return out.parent / f"{out.name}.rejected"
 
 
-def check_output_dir(out: Path | str, force: bool, protected: tuple = ()) -> None:
+def check_output_dir(out: Location, force: bool, protected: tuple[Location, ...] = ()) -> None:
     """Refuse, before any work, an --out that export could not replace without losing something.
 
     Only a folder holding nothing but an earlier export's own files (`ownership`) is ever
@@ -198,37 +200,33 @@ def ort_logits(path: Path, images: np.ndarray, batch: int = 1000, log=print) -> 
                            for x in track(batches, len(images), f"  ONNX Runtime {path.name}", " images", log=log)])
 
 
-def export(run: str | None = None, checkpoint: str | None = None, out: str | None = None, opset: int = 17,
-           tolerance: float = 1e-4, max_int8_drop_pp: float = 0.1, force: bool = False,
-           calibration_images: int = 1000, log=print) -> dict[str, Any]:
-    """Export a run's best checkpoint (or `checkpoint`), holding the run's lock throughout."""
+def export(run: str | os.PathLike | Location | None = None, checkpoint: str | os.PathLike | Location | None = None,
+           out: str | os.PathLike | Location | None = None, options: ExportOptions = ExportOptions(),
+           log=print) -> dict[str, Any]:
+    """Export a run's best checkpoint (or `checkpoint`) to `out` (default RUN/export), holding
+    the run's lock throughout; returns the report (its "verified" says whether it was published)."""
     from mnist_dist import rundir
 
-    options = dict(opset=opset, tolerance=tolerance, max_int8_drop_pp=max_int8_drop_pp, force=force,
-                   calibration_images=calibration_images, log=log)
+    options.validate()
+    run, checkpoint = (Location.of(x) if x is not None else None for x in (run, checkpoint))
+    out = Location.of(out) if out is not None else None
     if run is None:
-        return _export(run, checkpoint, out, **options)
-    with rundir.locked(run_location(run), "export", create=False):
-        return _export(run, checkpoint, out, **options)
+        return _export(None, checkpoint, out, options, log)
+    with rundir.locked(run, "export", create=False):
+        return _export(run, checkpoint, out, options, log)
 
 
-def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int, tolerance: float,
-            max_int8_drop_pp: float, force: bool, calibration_images: int, log) -> dict[str, Any]:
+def _export(run: Location | None, checkpoint: Location | None, out: Location | None, options: ExportOptions,
+            log) -> dict[str, Any]:
     from mnist_dist.config import TrainConfig
-    from mnist_dist.data import normalize
-    from mnist_dist.evaluate import predict_logits
     from mnist_dist.data import load_for
 
-    check_thresholds(tolerance, max_int8_drop_pp, calibration_images)
-    if not onnx_graph.MIN_OPSET <= opset <= onnx_graph.MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported: tf2onnx 1.17 is tested with opsets "
-                          f"{onnx_graph.MIN_OPSET}..{onnx_graph.MAX_OPSET}. Fix: pass --opset 17 (the default) or another in that range.")
     ckpt_dir, run_dir = resolve_checkpoint(run, checkpoint)
-    out_dir = default_out(ckpt_dir, run_dir) if out is None else (out if objectstore.is_uri(out) else Path(out))
+    out_dir = out or (run_dir or ckpt_dir.parent) / "export"
     protected = tuple(p for p in (run_dir, ckpt_dir) if p)  # what this command reads
-    check_output_dir(out_dir, force, protected)
+    check_output_dir(out_dir, options.force, protected)
     try:
-        with objectstore.local_copy(ckpt_dir) as local:
+        with ckpt_dir.local_copy() as local:
             model, state = load_model(local)
     except FileNotFoundError:
         raise ExportError(f"{ckpt_dir}: no such checkpoint. Fix: pass --run RUN, or the --checkpoint of a run.") from None
@@ -239,92 +237,93 @@ def _export(run: str | None, checkpoint: str | None, out: str | None, opset: int
     log(f"exporting {config.model} from {ckpt_dir} (epoch {state['epoch']}, validation accuracy {100 * state['val_accuracy']:.2f}%)")
 
     try:
-        if objectstore.is_uri(out_dir):  # built here, then uploaded (objectstore has no rename)
-            work = Path(tempfile.mkdtemp(prefix="mnist-dist-export-"))
-        else:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as exc:
-        raise ExportError(f"{out_dir}: cannot write the export there ({exc.strerror or exc}). "
-                          "Fix: choose a writable --out, or free space there.") from None
-    ownership.mark(work, "export")
-    try:
-        started = time.perf_counter()
-        proto = onnx_graph.fold_flatten_transpose(onnx_graph.convert(model, opset))
-        metadata = {
-            META_NORMALIZATION: json.dumps({"offset": PIXEL_OFFSET, "scale": PIXEL_SCALE, "layout": "NHWC",
-                                            "formula": "(pixel - offset) / scale", "pixels": "uint8, white digit on black"}),
-            META_LABELS: json.dumps([str(i) for i in range(10)]),
-            "mnist_dist.model": config.model,
-            # The run's name and the checkpoint's digest: what identifies the weights on any
-            # machine, where the training machine's paths would mean nothing.
-            "mnist_dist.run": config.name or objectstore.name(str(run_dir or ckpt_dir)),
-            "mnist_dist.checkpoint": objectstore.name(str(ckpt_dir)),
-            "mnist_dist.checkpoint_sha256": state["model_sha256"],
-            "mnist_dist.opset": str(opset),
-        }
-        onnx_graph.set_metadata(proto, metadata)
-        import onnx
-        onnx.checker.check_model(proto)
-        onnx.save(proto, work / FP32_FILE)
-        log(f"converted to ONNX opset {opset} in {time.perf_counter() - started:.1f} s: {' '.join(onnx_graph.op_types(proto))}")
-
-        # Calibrate on training images only: the test set never chooses anything.
-        calibration = normalize(data.train_x[:calibration_images])
-        quantize_int8(work / FP32_FILE, work / INT8_FILE, calibration, work)
-        int8 = onnx.load(work / INT8_FILE)
-        onnx_graph.set_metadata(int8, {**metadata, META_SESSION: json.dumps(INT8_SESSION)})
-        onnx.save(int8, work / INT8_FILE)
-        log(f"quantized to int8 (static QDQ, per-channel, first convolution in fp32, {len(calibration)} training images for calibration)")
-
-        log(f"verifying on all {len(data.test_y)} test images ...")
-        test_x = normalize(data.test_x)
-        reference = predict_logits(model, data.test_x, log=log)
-        tf_accuracy = float((reference.argmax(1) == data.test_y).mean())
-        sections = {}
-        for name, filename in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
-            logits = ort_logits(work / filename, test_x, log=log)
-            log(f"  timing {filename}: batch-1 latency and batch-256 throughput, 1 thread ...")
-            sections[name] = _compare(name, logits, reference, data.test_y, work / filename, tf_accuracy)
-        rules = verification_rules(sections, tolerance, max_int8_drop_pp)
-        report = {
-            "schema_version": SCHEMA_VERSION,
-            "verified": all(rule["passed"] for rule in rules),
-            "rules": rules,
-            "fp32": sections["fp32"],
-            "int8": sections["int8"],
-            "test_images": len(data.test_y),
-            "data_source": data.source,
-            "model": config.model,
-            "checkpoint": checkpoint_name(ckpt_dir, run_dir),  # relative to the run: a copied run stays whole
-            "checkpoint_epoch": state["epoch"],
-            "checkpoint_val_accuracy": state["val_accuracy"],
-            "run": run_dir,
-            "opset": opset,
-            "input": {"name": onnx_graph.INPUT_NAME, "shape": ["N", 28, 28, 1], "dtype": "float32",
-                      "normalization": json.loads(metadata[META_NORMALIZATION])},
-            "output": {"name": onnx_graph.OUTPUT_NAME, "shape": ["N", 10], "meaning": "logits"},
-            "machine": machine.describe(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json_atomic(work / REPORT_JSON, report)
-        (work / REPORT_MD).write_text(report_markdown(report))
-        for line in summary_lines(report):
-            log(line)
-        publish(work, out_dir, report["verified"], protected)
-        if report["verified"]:
-            log(f"verified export written to {out_dir}")
-        else:
-            failed = [r for r in rules if not r["passed"]]
-            for rule in failed:
-                log(f"FAILED rule {rule['rule']}: {rule['detail']}")
-            log(f"export REJECTED: nothing was published to {out_dir}; the rejected files are in {out_dir}.rejected")
-        return report
-    except OSError as exc:  # a full disk or a folder made read-only meanwhile: nothing was published
-        raise ExportError(f"{out_dir}: writing the export failed ({exc.strerror or exc}); nothing was published. "
+        with out_dir.staging() as work:
+            report = _build(work, model, state, config, data, ckpt_dir, run_dir, options, log)
+            publish(work, out_dir, report["verified"], protected)
+    except (OSError, RunError) as exc:  # a full disk or a folder made read-only meanwhile: nothing was published
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ExportError(f"{out_dir}: writing the export failed ({why}); nothing was published. "
                           "Fix: free space there, or choose another --out.") from None
-    finally:
-        ownership.remove_staging(work)  # this process's own temporary folder; gone once published
+    if report["verified"]:
+        log(f"verified export written to {out_dir}")
+    else:
+        for rule in report["rules"]:
+            if not rule["passed"]:
+                log(f"FAILED rule {rule['rule']}: {rule['detail']}")
+        log(f"export REJECTED: nothing was published to {out_dir}; the rejected files are in {rejected_dir(out_dir)}")
+    return report
+
+
+def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Location, run_dir: Location | None,
+           options: ExportOptions, log) -> dict[str, Any]:
+    """Convert, quantize and verify into the local folder `work`; returns the report written there."""
+    from mnist_dist.data import normalize
+    from mnist_dist.evaluate import predict_logits
+
+    ownership.mark(work, "export")
+    started = time.perf_counter()
+    proto = onnx_graph.fold_flatten_transpose(onnx_graph.convert(model, options.opset))
+    metadata = {
+        META_NORMALIZATION: json.dumps({"offset": PIXEL_OFFSET, "scale": PIXEL_SCALE, "layout": "NHWC",
+                                        "formula": "(pixel - offset) / scale", "pixels": "uint8, white digit on black"}),
+        META_LABELS: json.dumps([str(i) for i in range(10)]),
+        "mnist_dist.model": config.model,
+        # The run's name and the checkpoint's digest: what identifies the weights on any
+        # machine, where the training machine's paths would mean nothing.
+        "mnist_dist.run": config.name or (run_dir or ckpt_dir).name,
+        "mnist_dist.checkpoint": ckpt_dir.name,
+        "mnist_dist.checkpoint_sha256": state["model_sha256"],
+        "mnist_dist.opset": str(options.opset),
+    }
+    onnx_graph.set_metadata(proto, metadata)
+    import onnx
+    onnx.checker.check_model(proto)
+    onnx.save(proto, work / FP32_FILE)
+    log(f"converted to ONNX opset {options.opset} in {time.perf_counter() - started:.1f} s: {' '.join(onnx_graph.op_types(proto))}")
+
+    # Calibrate on training images only: the test set never chooses anything.
+    calibration = normalize(data.train_x[:options.calibration_images])
+    quantize_int8(work / FP32_FILE, work / INT8_FILE, calibration, work)
+    int8 = onnx.load(work / INT8_FILE)
+    onnx_graph.set_metadata(int8, {**metadata, META_SESSION: json.dumps(INT8_SESSION)})
+    onnx.save(int8, work / INT8_FILE)
+    log(f"quantized to int8 (static QDQ, per-channel, first convolution in fp32, {len(calibration)} training images for calibration)")
+
+    log(f"verifying on all {len(data.test_y)} test images ...")
+    test_x = normalize(data.test_x)
+    reference = predict_logits(model, data.test_x, log=log)
+    tf_accuracy = float((reference.argmax(1) == data.test_y).mean())
+    sections = {}
+    for name, filename in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+        logits = ort_logits(work / filename, test_x, log=log)
+        log(f"  timing {filename}: batch-1 latency and batch-256 throughput, 1 thread ...")
+        sections[name] = _compare(name, logits, reference, data.test_y, work / filename, tf_accuracy)
+    rules = verification_rules(sections, options.tolerance, options.max_int8_drop_pp)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "verified": all(rule["passed"] for rule in rules),
+        "rules": rules,
+        "fp32": sections["fp32"],
+        "int8": sections["int8"],
+        "test_images": len(data.test_y),
+        "data_source": data.source,
+        "model": config.model,
+        "checkpoint": checkpoint_name(ckpt_dir, run_dir),  # relative to the run: a copied run stays whole
+        "checkpoint_epoch": state["epoch"],
+        "checkpoint_val_accuracy": state["val_accuracy"],
+        "run": str(run_dir) if run_dir else None,
+        "opset": options.opset,
+        "input": {"name": onnx_graph.INPUT_NAME, "shape": ["N", 28, 28, 1], "dtype": "float32",
+                  "normalization": json.loads(metadata[META_NORMALIZATION])},
+        "output": {"name": onnx_graph.OUTPUT_NAME, "shape": ["N", 10], "meaning": "logits"},
+        "machine": machine.describe(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(work / REPORT_JSON, report)
+    (work / REPORT_MD).write_text(report_markdown(report))
+    for line in summary_lines(report):
+        log(line)
+    return report
 
 
 def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, max_int8_drop_pp: float) -> list[dict[str, Any]]:
@@ -343,24 +342,11 @@ def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, ma
     ]
 
 
-def default_out(ckpt_dir: Path | str, run_dir: str | None) -> Path | str:
-    """RUN/export, beside the checkpoint's run (a URI stays a URI)."""
-    if run_dir:
-        return objectstore.join(run_dir, "export") if objectstore.is_uri(run_dir) else Path(run_dir) / "export"
-    if objectstore.is_uri(ckpt_dir):
-        base, sep, query = str(ckpt_dir).partition("?")
-        return base.rstrip("/").rsplit("/", 1)[0] + "/export" + sep + query
-    return Path(ckpt_dir).parent / "export"
-
-
-def publish(work: Path, out_dir: Path | str, verified: bool, protected: tuple = ()) -> None:
-    """Rename the finished temporary directory into place; the old export is replaced only now."""
-    target, fix = out_dir if verified else rejected_dir(out_dir), "choose another --out (an export never replaces a folder it did not write)"
-    if objectstore.is_uri(target):
-        ownership.publish_uri(work, str(target), "export", commit=REPORT_JSON, protected=protected, fix=fix)
-        return
-    work.chmod(0o755)  # mkdtemp made it private; an export is meant to be copied and shared
-    ownership.replace(work, target, "export", protected, fix=fix)
+def publish(work: Path, out_dir: Location, verified: bool, protected: tuple[Location, ...] = ()) -> None:
+    """Put the finished folder in place (verified) or beside it (`.rejected`); the old one is replaced only now."""
+    target = out_dir if verified else rejected_dir(out_dir)
+    ownership.publish(work, target, "export", commit=REPORT_JSON, protected=protected,
+                      fix="choose another --out (an export never replaces a folder it did not write)")
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

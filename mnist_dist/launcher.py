@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnist_dist import compat, objectstore, results, rundir
+from mnist_dist import compat, results, rundir
 from mnist_dist.config import TrainConfig
-from mnist_dist.rundir import run_dir, storage_path
+from mnist_dist.errors import RunError
+from mnist_dist.rundir import run_dir
 from mnist_dist.sessions import RaySession
+from mnist_dist.store import Location, basename
 
 # Test hook: when set, each worker writes `rank<R>.pid` and `rank<R>.node` (its Ray node ID) there,
 # so a test can kill a real worker, or its whole node, and see where each rank ran.
@@ -60,7 +62,7 @@ def worker_main(config_dict: dict[str, Any]) -> None:
         # return: the driver prints rank 0's one line, and Ray Train's controller logs no
         # worker tracebacks. (Ray Train hands the driver only metrics that came with a checkpoint.)
         if session.rank == 0:
-            results.write(run_dir(config), DIVERGED_FILE, {"error": str(exc)})
+            (run_dir(config) / DIVERGED_FILE).write_json({"error": str(exc)})
 
 
 def pin_worker(config: TrainConfig, session: RaySession) -> set[int] | None:
@@ -158,17 +160,6 @@ def scaling_config(config: TrainConfig):
                          resources_per_worker=plan.resources_per_worker)
 
 
-def train(config: TrainConfig, log=print) -> dict[str, Any]:
-    """Train on Ray; returns the content of result.json."""
-    # Named, with absolute paths (workers' working directories differ), locked, and checked
-    # against the run's config.json: all before Ray starts.
-    config = rundir.settle(config)
-    with rundir.locked(run_dir(config), "train"):
-        if (finished := rundir.claim(config)) is not None:
-            return rundir.already_finished(finished, log)
-        return _fit(config, log)
-
-
 def keep_ray_on_loopback(config: TrainConfig) -> None:
     """The embedded local Ray listens on 127.0.0.1 only, unless --expose-ray, and checks
     Ray's auth token either way. Both settings are read when `ray` is imported.
@@ -185,13 +176,14 @@ def keep_ray_on_loopback(config: TrainConfig) -> None:
         compat.set_default_env(compat.LOOPBACK_ENV)
 
 
-def _fit(config: TrainConfig, log) -> dict[str, Any]:
+def fit(config: TrainConfig, log=print) -> dict[str, Any]:
+    """Train a settled, locked and claimed run (mnist_dist.training) on Ray; returns the content of result.json."""
     keep_ray_on_loopback(config)  # before `import ray`
     compat.ray_checked()
     # The workers import Keras, not the driver: a wrong Keras is one line here rather than
     # a failed worker group, retried --max-failures times.
     compat.check_version("keras", importlib.metadata.version("keras"), compat.KERAS_TESTED)
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, WorkerGroupError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     from mnist_dist.ray_backend import TfConfig
 
@@ -201,7 +193,8 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
     init_ray(config)
     import ray
 
-    rundir.check_storage_reachable(config.storage, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    run = run_dir(config)
+    Location.of(config.storage).check_shared({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     trainer = DataParallelTrainer(
         worker_main,
         backend_config=TfConfig(),
@@ -209,7 +202,7 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.name,
-            storage_path=storage_path(config.storage),
+            storage_path=config.storage,  # settled: an absolute path or a URI, as Ray wants
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
                                                checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max"),
@@ -219,30 +212,22 @@ def _fit(config: TrainConfig, log) -> dict[str, Any]:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    try:
-        result = trainer.fit()
-    except WorkerGroupError as exc:
-        # A diverged run is not a crash: one line, not every worker's traceback.
-        for failure in exc.worker_failures.values():
-            line = next((ln for ln in str(failure).splitlines() if "training diverged:" in ln), None)
-            if line:
-                raise results.RunError(line[line.index("training diverged:"):]) from None
-        raise
+    result = trainer.fit()
     wall_seconds = time.perf_counter() - started
-    diverged = rundir.read_json(run_dir(config), DIVERGED_FILE)
-    if diverged is not None:
-        objectstore.delete(objectstore.join(run_dir(config), DIVERGED_FILE))
-        raise results.RunError(diverged["error"])
+    diverged = rundir.read_json(run, DIVERGED_FILE)
+    if diverged is not None:  # every rank stopped at the same step and returned (worker_main)
+        (run / DIVERGED_FILE).delete()
+        raise RunError(diverged["error"])
     if not result.best_checkpoints:
-        raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run_dir(config)})")
+        raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run})")
     scored = result.metrics.get("test")  # rank 0 scores the best weights on the test set when it has them
     best_checkpoint, best_metrics = pick_best(result.best_checkpoints)
     if scored and best_metrics["epoch"] != scored["epoch"]:
         scored = None
     history = state_history(result)
     with best_checkpoint.as_directory() as directory:
-        return results.finish(config, run_dir(config), best_checkpoint.path, best_metrics, result.metrics, history,
-                              wall_seconds, log, eval_dir=directory, test=scored)
+        return results.finish(config, run, basename(best_checkpoint.path), Path(directory), best_metrics, result.metrics,
+                              history, wall_seconds, log, test=scored)
 
 
 def pick_best(checkpoints: list):

@@ -22,8 +22,7 @@ from mnist_dist.errors import MnistDistError
 from mnist_dist.results import best_epoch
 from mnist_dist.scoring import make_evaluator, make_worker_sum
 from mnist_dist.sessions import Session
-from mnist_dist.summaries import Summaries
-from mnist_dist.summaries import logdir as summaries_logdir
+from mnist_dist.summaries import SUBDIR, Summaries
 from mnist_dist.tfdata import distributed_chunks
 
 
@@ -133,7 +132,7 @@ class Trainer:
         self.worker_sum = make_worker_sum(strategy, session.world_size)
         self.evaluate = make_evaluator(self.model, strategy, session.rank, session.world_size)
         self.sync_statistics = step.make_statistics_sync(strategy, self.model)
-        self.summaries = Summaries(summaries_logdir(session.run_dir) if self.is_chief else None)
+        self.summaries = Summaries(session.run / SUBDIR if self.is_chief else None)
         if self.start_epoch == 0:
             self.summaries.graph(self.model)
         self.next_chunk = distributed_chunks(strategy, self.data, config, self.start_epoch, self.global_batch,

@@ -12,13 +12,16 @@ Writes RUN_DIR/report/:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from mnist_dist import baselines, summaries
-from mnist_dist.results import RESULT_FILE, RunError, best_checkpoint, require_run_dir
+from mnist_dist.errors import RunError
+from mnist_dist.results import RESULT_FILE, best_checkpoint, require_run_dir
+from mnist_dist.store import Location
 
 REPORT_DIR = "report"
 GRID = (6, 10)  # rows x columns of the prediction grid
@@ -33,10 +36,10 @@ def _pyplot():
     return plt
 
 
-def load_result(run_dir: Path | str) -> dict[str, Any]:
+def load_result(run_dir: Location) -> dict[str, Any]:
     from mnist_dist.rundir import read_json
 
-    result = read_json(str(require_run_dir(run_dir)), RESULT_FILE)
+    result = read_json(require_run_dir(run_dir), RESULT_FILE)
     if result is None:
         raise RunError(f"{run_dir}: no {RESULT_FILE}, so the run did not finish. Fix: re-run the same "
                        "`mnist-dist train` command to resume it, then report.")
@@ -134,12 +137,12 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict[str, Any], run_dir: Path | str, test_accuracy: float, matrix: np.ndarray,
+def markdown(result: dict[str, Any], run_dir: Location, test_accuracy: float, matrix: np.ndarray,
              baseline: dict[str, Any] | None, export: dict[str, Any] | None) -> str:
     from mnist_dist.machine import describe, summary_lines
 
     config = result["config"]
-    lines = [f"# Run report: {str(run_dir).partition('?')[0].rstrip('/').rsplit('/', 1)[-1]}", "",
+    lines = [f"# Run report: {run_dir.name}", "",
              f"`{config['model']}` trained for {result['epochs_completed']} epochs on {result['workers']} worker(s), "
              f"global batch {result['global_batch_size']}, precision {config['precision']}. "
              f"Data: `{result.get('data_source')}`.", "",
@@ -188,37 +191,25 @@ def markdown(result: dict[str, Any], run_dir: Path | str, test_accuracy: float, 
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, log: Callable[[str], None] = print) -> Path | str:
+def write_report(run: str | os.PathLike | Location, out: str | os.PathLike | Location | None = None,
+                 log: Callable[[str], None] = print) -> Location:
     """Write the report into `out` (default RUN/report), replacing only an earlier report there."""
-    import tempfile
+    from mnist_dist import ownership
 
-    from mnist_dist import objectstore, ownership
-
-    run_dir = str(run_dir) if objectstore.is_uri(run_dir) else Path(run_dir)
+    run_dir = Location.of(run)
     result = load_result(run_dir)
-    out_dir = out if out is not None else objectstore.join(str(run_dir), REPORT_DIR)
-    out_dir = str(out_dir) if objectstore.is_uri(out_dir) else Path(out_dir)
+    out_dir = Location.of(out) if out is not None else run_dir / REPORT_DIR
     fix = "choose another --out (a report never replaces a folder it did not write)"
     ownership.check_replaceable(out_dir, "report", (run_dir,), fix)  # before any work
-    if isinstance(out_dir, Path):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=None if isinstance(out_dir, str) else out_dir.parent))
-    try:
+    with out_dir.staging() as staged:
         ownership.mark(staged, "report")
         _write_report(run_dir, result, staged, log)
-        if isinstance(out_dir, str):
-            ownership.publish_uri(staged, out_dir, "report", commit="report.md", protected=(run_dir,), fix=fix)
-        else:
-            staged.chmod(0o755)
-            ownership.replace(staged, out_dir, "report", (run_dir,), fix)
-    finally:
-        ownership.remove_staging(staged)
+        ownership.publish(staged, out_dir, "report", commit="report.md", protected=(run_dir,), fix=fix)
     log(f"report written to {out_dir}: report.md, curves.png, predictions.png, confusion.png")
     return out_dir
 
 
-def _write_report(run_dir: Path | str, result: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
-    from mnist_dist import objectstore
+def _write_report(run_dir: Location, result: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
     from mnist_dist.checkpoint import load_model
     from mnist_dist.config import TrainConfig
     from mnist_dist.evaluate import predict_logits
@@ -227,32 +218,28 @@ def _write_report(run_dir: Path | str, result: dict[str, Any], out_dir: Path, lo
 
     scalars = step_scalars(run_dir)
     if not scalars:
-        log(f"no TensorBoard events in {objectstore.join(str(run_dir), summaries.SUBDIR)}: the step curves stay empty")
+        log(f"no TensorBoard events in {run_dir / summaries.SUBDIR}: the step curves stay empty")
     plot_curves(result, scalars, out_dir / "curves.png")
 
     checkpoint, _best = best_checkpoint(run_dir)
-    with objectstore.local_copy(checkpoint) as local:
+    with checkpoint.local_copy() as local:
         model, _state = load_model(local)
     data = load_for(TrainConfig.from_saved(result["config"]))
-    log(f"predicting {len(data.test_y)} test images with {objectstore.name(checkpoint)} ...")
+    log(f"predicting {len(data.test_y)} test images with {checkpoint.name} ...")
     predicted = predict_logits(model, data.test_x).argmax(1)
     test_accuracy = float((predicted == data.test_y).mean())
     plot_predictions(data.test_x, data.test_y, predicted, out_dir / "predictions.png")
     matrix = confusion_matrix(data.test_y, predicted)
     plot_confusion(matrix, out_dir / "confusion.png")
 
-    export = read_report(objectstore.join(str(run_dir), "export"))
+    export = read_report(run_dir / "export")
     (out_dir / "report.md").write_text(markdown(result, run_dir, test_accuracy, matrix, baselines.load(run_dir), export))
 
 
-def step_scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
-    """The run's TensorBoard scalars ({} without events); a URI run's are read from a local copy."""
-    from mnist_dist import objectstore
-
-    events = objectstore.join(str(run_dir), summaries.SUBDIR)
-    if not objectstore.is_uri(events):
-        return summaries.read_scalars(events) if Path(events).is_dir() else {}
-    if not objectstore.exists(events):
+def step_scalars(run_dir: Location) -> dict[str, list[tuple[int, float]]]:
+    """The run's TensorBoard scalars ({} without events), read from a local copy."""
+    events = run_dir / summaries.SUBDIR
+    if not events.is_dir():
         return {}
-    with objectstore.local_copy(events) as local:
+    with events.local_copy() as local:
         return summaries.read_scalars(local)

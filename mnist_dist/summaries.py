@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mnist_dist.store import Location
+
 SUBDIR = "tensorboard"
 
 INTERVAL_TAGS = ("train/loss", "train/learning_rate", "train/minibatch_error", "train/images_per_second",
@@ -20,39 +22,21 @@ INTERVAL_TAGS = ("train/loss", "train/learning_rate", "train/minibatch_error", "
 EPOCH_TAGS = ("epoch/train_loss", "epoch/val_loss", "epoch/val_accuracy", "epoch/images_per_second")
 
 
-def logdir(run_dir: str) -> str:
-    """Where a run's events go: RUN/tensorboard (a URI for an object-store run)."""
-    from mnist_dist import objectstore
-
-    return objectstore.join(run_dir, SUBDIR)
-
-
 class Summaries:
-    """A no-op unless given a directory, so every rank can call it unconditionally.
+    """A no-op unless given a location, so every rank can call it unconditionally. The events
+    are written into a local folder; a bucket's are put into it at each `sync` (Location.mirror)."""
 
-    TensorFlow cannot append to an object store without tensorflow-io, so a URI run's events
-    are written to a local folder and put whole into the bucket at every `sync`.
-    """
-
-    def __init__(self, directory: str | None):
-        import tempfile
-
+    def __init__(self, location: Location | None):
         import tensorflow as tf
 
-        from mnist_dist import objectstore
-
         self._tf = tf
-        self._remote = directory if directory and objectstore.is_uri(directory) else None
-        self._local = tempfile.mkdtemp(prefix="mnist-dist-events-") if self._remote else directory
-        self._writer = tf.summary.create_file_writer(self._local) if self._local else None
+        self._mirror = location.mirror() if location is not None else None
+        self._writer = tf.summary.create_file_writer(str(self._mirror.path)) if self._mirror else None
 
     def sync(self) -> None:
-        """Put this writer's event files into the bucket (a no-op for a local run)."""
-        from mnist_dist import objectstore
-
-        if self._remote:
-            for file in Path(self._local).iterdir():
-                objectstore.write_bytes(objectstore.join(self._remote, file.name), file.read_bytes())
+        """Put this writer's event files into a bucket (a no-op for a local run)."""
+        if self._mirror is not None:
+            self._mirror.sync()
 
     def graph(self, model, input_shape=(None, 28, 28, 1)) -> None:
         """The inference graph, as TensorBoard's Graphs tab shows it."""
@@ -76,11 +60,7 @@ class Summaries:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            self.sync()
-        if self._remote:
-            import shutil
-
-            shutil.rmtree(self._local, ignore_errors=True)
+            self._mirror.close()
 
 
 def read_scalars(directory: str | Path) -> dict[str, list[tuple[int, float]]]:

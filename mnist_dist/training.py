@@ -1,19 +1,46 @@
-"""Train a run: on Ray Train workers (the default), or in this process (`--in-process`)."""
+"""Train a run to `config.epochs`: on Ray Train workers (the default), or in this process.
+
+Either way the driver settles the run first (a name, absolute paths, reachable storage,
+verified data), takes its lock, and checks a re-run against the run's config.json
+(mnist_dist.rundir), all before Ray or TensorFlow starts.
+"""
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from mnist_dist import rundir
 from mnist_dist.config import TrainConfig
 
 
-def run(config: TrainConfig, in_process: bool = False) -> dict[str, Any]:
-    """Trains to `config.epochs` and returns the content of result.json. Both ways check the
-    data and settle its path before any worker starts (data.settle_dir)."""
-    if in_process:
-        from mnist_dist.local import train_in_process
-        return train_in_process(config)
-    from mnist_dist.launcher import stop_ray, train
-    try:
-        return train(config)
-    finally:
-        stop_ray()
+def run(config: TrainConfig, in_process: bool = False, log=print) -> dict[str, Any]:
+    """Trains to `config.epochs` and returns the content of result.json."""
+    config = rundir.settle(config.replace(workers=1) if in_process else config)
+    with rundir.locked(rundir.run_dir(config), "train --in-process" if in_process else "train"):
+        if (finished := rundir.claim(config)) is not None:
+            return rundir.already_finished(finished, log)
+        if in_process:
+            return _train_in_process(config, log)
+        from mnist_dist.launcher import fit, stop_ray
+        try:
+            return fit(config, log)
+        finally:
+            stop_ray()
+
+
+def _train_in_process(config: TrainConfig, log) -> dict[str, Any]:
+    """One process, the default strategy, checkpoints through a DirectorySession."""
+    from mnist_dist import process_setup, results
+    from mnist_dist.loop import train
+    from mnist_dist.sessions import DirectorySession
+
+    process_setup.configure_process(config.cpus_per_worker, use_gpu=False)
+    run = rundir.run_dir(config)
+    started = time.perf_counter()
+    final = train(config, DirectorySession(run), log=log)
+    history = final["history"]
+    best = next(m for m in history if m["epoch"] == results.best_epoch(history))
+    best_name = f"checkpoint_epoch{best['epoch']:03d}"
+    with (run / best_name).local_copy() as local:
+        return results.finish(config, run, best_name, local, best, history[-1], history, time.perf_counter() - started,
+                              log, test=final.get("test"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 from mnist_edge.runtime import FP32_FILE, INT8_FILE
 
 from mnist_dist.errors import MnistDistError
+from mnist_dist.store import Location
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "export" / "web"
 ORT_URL, ORT_DIR = "/node_modules/onnxruntime-web/dist/", WEB_DIR / "node_modules" / "onnxruntime-web" / "dist"
@@ -28,27 +28,26 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".wasm": "application/wasm", ".map": "application/json", ".onnx": "application/octet-stream"}
 
 
+EXPORT_FIX = "pass the folder that `mnist-dist export` wrote (RUN/export), or --run RUN"
+
+
 class DemoError(MnistDistError):
     """The demo cannot be served; the message names the problem and the fix."""
 
 
-def run_export(run: str) -> Path:
+def run_export(run: str) -> Location:
     """RUN/export, where `mnist-dist export --run RUN` publishes a verified export."""
-    from mnist_dist import objectstore
-
-    if objectstore.is_uri(run):
-        raise DemoError(f"{run}: serve-demo serves files from this machine. Fix: copy the run's export here and pass --export DIR.")
-    if not Path(run).is_dir():
+    if not Location.of(run).is_dir():
         raise DemoError(f"{run}: no such run directory. Fix: pass the folder of a finished run, e.g. --run runs/NAME.")
-    return Path(run) / "export"
+    return Location.of(run) / "export"
 
 
-def check_export(directory: Path, fix: str) -> None:
-    from mnist_dist.export import published
+def check_export(directory: Location, fix: str) -> None:
+    from mnist_dist.export import published, rejected_dir
 
     if published(directory) is None:
-        rejected = directory.with_name(directory.name + ".rejected")
-        why = f" (the last export was rejected: {rejected}/report.md)" if rejected.is_dir() else ""
+        rejected = rejected_dir(directory)
+        why = f" (the last export was rejected: {rejected / 'report.md'})" if rejected.is_dir() else ""
         raise DemoError(f"{directory}: not a verified export{why}. Fix: {fix}.")
 
 
@@ -133,7 +132,7 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 0) -> tuple[Thre
     Returns (server, its URL); `server.shutdown()` stops it. Port 0 picks a free one.
     """
     export = Path(export_dir)
-    check_export(export, "pass the folder that `mnist-dist export` wrote (RUN/export), or --run RUN")
+    check_export(Location.of(export), EXPORT_FIX)
     check_web_files()
     if not 0 <= port <= 65535:
         raise DemoError(f"--port {port} is not a port. Fix: pass a number from 1 to 65535, or 0 for any free one.")
@@ -156,30 +155,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until Ctrl-C; bad input raises DemoError, one line with the fix."""
+    """Serve until Ctrl-C; bad input raises DemoError, one line with the fix. An export in a
+    bucket is served from a local copy."""
     if args.run is not None:
         export = run_export(args.run)
         check_export(export, f"mnist-dist export --run {args.run}")
     else:
-        export = Path(args.export)
-    server, url = serve(str(export), port=args.port)
-    print(f"serving the web demo for {export} at {url} (Ctrl-C stops it)", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        print("stopped")
-    finally:
-        server.shutdown()
-        server.server_close()
+        export = Location.of(args.export)
+        check_export(export, EXPORT_FIX)
+    with export.local_copy() as local:
+        server, url = serve(str(local), port=args.port)
+        print(f"serving the web demo for {export} at {url} (Ctrl-C stops it)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print("stopped")
+        finally:
+            server.shutdown()
+            server.server_close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mnist_dist.web_demo ARGS` is `mnist-dist serve-demo ARGS`."""
-    from mnist_dist.cli import main as cli_main
-
-    return cli_main(["serve-demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

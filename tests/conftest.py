@@ -1,13 +1,18 @@
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+# Absolute, as README.md's relative `export MNIST_DATA_DIR=../shared/data/mnist` is not: the
+# tests hand it to subprocesses in other working directories and build file:// URLs from it.
+MNIST_DIR = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data" / "mnist")).resolve()
 # Every test (and every subprocess it starts) reads the real MNIST from here.
 os.environ["MNIST_DATA_DIR"] = str(MNIST_DIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -75,10 +80,62 @@ def exported(ray_run):
 def small_run(tmp_path_factory, mnist_dir):
     """A quick in-process run (no Ray) for export error cases."""
     from mnist_dist.config import TrainConfig
-    from mnist_dist.local import train_in_process
+    from mnist_dist import training
 
     storage = tmp_path_factory.mktemp("small")
     config = TrainConfig(model="lenet5", epochs=1, batch_size=64, optimizer="sgd", learning_rate=0.05, train_limit=6400, val_size=1000,
                          eval_every=1000, storage=str(storage), name="small", data_dir=str(mnist_dir))
-    train_in_process(config, log=lambda _: None)
+    training.run(config, in_process=True, log=lambda _: None)
     return storage / "small"
+
+
+BUCKET = "mnist-runs"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """(endpoint URL, env for commands) of a real S3-compatible server (moto's server mode) with
+    one bucket, BUCKET; this process's own pyarrow and boto3 calls reach it too."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield endpoint, env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bucket_keys(prefix: str) -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))

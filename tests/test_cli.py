@@ -56,7 +56,8 @@ def test_storage_that_is_a_file_gets_one_line(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     proc = run_cli("train", "--in-process", "--preset", "smoke", "--storage", tmp_path / "afile", "--name", "r")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "cannot write the run directory" in proc.stderr and (tmp_path / "afile").read_text() == "not a folder"
+    assert "afile: is a file, not a folder. Fix: point --storage at a folder" in proc.stderr
+    assert (tmp_path / "afile").read_text() == "not a folder"
 
 
 

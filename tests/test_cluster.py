@@ -98,22 +98,3 @@ def test_a_job_on_two_worker_nodes_survives_losing_a_whole_node(cluster, tmp_pat
     for checkpoint in sorted(run_dir.glob("checkpoint_epoch*")):  # the replicas stayed identical across the restart
         digests = {json.loads(p.read_text())["weights_sha256"] for p in checkpoint.glob("replica-*.json")}
         assert len(digests) == 1, checkpoint
-
-
-def test_node_local_storage_is_refused_only_when_the_cluster_spans_several_hosts(tmp_path):
-    """The decision, on this machine's real /proc/mounts and on a cluster's typical mounts."""
-    from mnist_dist.results import RunError
-    from mnist_dist.rundir import check_storage_reachable, filesystem_type
-
-    mounts = ("/dev/nvme0n1p1 / ext4 rw 0 0\nfs-1.efs:/ /mnt/runs nfs4 rw 0 0\n"
-              "tmpfs /mnt/runs/scratch tmpfs rw 0 0\nbucket /mnt/bucket fuse.s3fs rw 0 0\n")
-    assert filesystem_type("/mnt/runs/a/b", mounts) == "nfs4" and filesystem_type("/mnt/runs/scratch/x", mounts) == "tmpfs"
-    two_hosts = {"10.0.0.1", "10.0.0.2"}
-    for shared in ("/mnt/runs/x", "/mnt/bucket/x", "s3://bucket/runs"):
-        check_storage_reachable(shared, two_hosts, mounts)
-    check_storage_reachable("/home/me/runs", {"127.0.0.1"}, mounts)  # several nodes on one host share its disk
-    with pytest.raises(RunError, match=r"--storage /home/me/runs is on this node's own ext4 filesystem, but the "
-                                       r"cluster's nodes are on 2 hosts .* Fix: an NFS path mounted on every node"):
-        check_storage_reachable("/home/me/runs", two_hosts, mounts)
-    with pytest.raises(RunError, match="own .* filesystem"):  # this machine's own mounts
-        check_storage_reachable(str(tmp_path), two_hosts)

@@ -135,7 +135,8 @@ def test_force_replaces_a_verified_export(small_run, tmp_path):
     # kernels (0.03 pp on one machine, over 0.1 pp on another). The real run's export keeps the
     # 0.1 pp rule (conftest's `exported`); a 1 pp limit here still catches a broken int8 model.
     def export(**kwargs):
-        report = export_mod.export(run=str(small_run), out=str(out), max_int8_drop_pp=1.0, log=lambda _: None, **kwargs)
+        options = export_mod.ExportOptions(max_int8_drop_pp=1.0, **kwargs)
+        report = export_mod.export(run=str(small_run), out=str(out), options=options, log=lambda _: None)
         assert report["verified"], report["rules"]
         return report
 

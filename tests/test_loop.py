@@ -9,6 +9,7 @@ import pytest
 from mnist_dist.config import TrainConfig
 from mnist_dist.loop import train
 from mnist_dist.sessions import DirectorySession
+from mnist_dist.store import Location
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def test_the_zoo_builds_the_big_dense_layer_linear_so_its_gradient_can_be_gather
 def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, capsys):
     config = TrainConfig(model="lenet5", epochs=1, batch_size=64, workers=1, optimizer="sgd", learning_rate=0.05, val_size=2000,
                          train_limit=19200, eval_every=100, data_dir=str(mnist_dir))
-    session = DirectorySession(tmp_path)
+    session = DirectorySession(Location.of(tmp_path))
     final = train(config, session)
     assert final["global_step"] == 300
     assert final["val_accuracy"] > 0.90  # chance is 0.10
@@ -205,7 +206,7 @@ def test_a_few_hundred_steps_on_real_mnist_beat_chance(mnist_dir, tmp_path, caps
 def test_resume_continues_step_epoch_and_learning_rate(tmp_path):
     config = TrainConfig(model="lenet5", epochs=1, batch_size=50, workers=1, synthetic=True, train_limit=1000,
                          val_size=200, eval_every=1000)
-    session = DirectorySession(tmp_path)
+    session = DirectorySession(Location.of(tmp_path))
     first = train(config, session, log=lambda _: None)
     second = train(config.replace(epochs=3), session, log=lambda _: None)
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
@@ -237,13 +238,13 @@ def test_half_written_checkpoint_is_never_taken(tmp_path):
 
     config = TrainConfig(model="lenet5", epochs=2, batch_size=50, workers=1, synthetic=True, train_limit=500,
                          val_size=100, eval_every=1000)
-    train(config, DirectorySession(tmp_path), log=lambda _: None)
+    train(config, DirectorySession(Location.of(tmp_path)), log=lambda _: None)
     # Epoch 2 "crashed" mid-write: its model is cut short.
     broken = tmp_path / "checkpoint_epoch002" / ckpt.MODEL_FILE
     broken.write_bytes(broken.read_bytes()[:1000])
     with pytest.raises(ckpt.CheckpointError, match="corrupt"):
         ckpt.load_state(tmp_path / "checkpoint_epoch002")
-    with DirectorySession(tmp_path).latest_checkpoint() as latest:
+    with DirectorySession(Location.of(tmp_path)).latest_checkpoint() as latest:
         assert latest.name == "checkpoint_epoch001"
 
 

@@ -6,66 +6,14 @@ the working directory. The endpoint is given both standard ways: AWS_ENDPOINT_UR
 pyarrow's `?endpoint_override=` in the URI.
 """
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import run_cli
-
-BUCKET = "mnist-runs"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """(endpoint URL, env for commands) of a moto S3 server with one empty bucket."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # for the boto3 client and pyarrow calls of the tests themselves
-    try:
-        import boto3
-
-        deadline = time.time() + 30
-        while True:
-            try:
-                boto3.client("s3").create_bucket(Bucket=BUCKET)
-                break
-            except Exception:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        yield endpoint, env
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
+from conftest import BUCKET, bucket_keys, free_port, run_cli
 
 def keys(prefix: str) -> list[str]:
-    import boto3
-
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+    return bucket_keys(prefix)
 
 
 def read(key: str) -> dict:
@@ -209,59 +157,14 @@ def test_a_prefix_of_other_objects_is_never_trained_into(s3, tmp_path):
     assert keys("photos/") == ["photos/cat.jpg"]
 
 
-def test_in_process_training_refuses_a_uri(s3, tmp_path):
-    proc = run_cli("train", "--in-process", "--preset", "smoke", "--storage", f"s3://{BUCKET}/runs", "--name", "x",
-                   env=s3[1], cwd=tmp_path)
-    assert proc.returncode == 2 and "drop --in-process" in last_line(proc), proc.stdout + proc.stderr
-
-
-HOLD = """
-import sys, time
-from mnist_dist import rundir
-with rundir.locked(sys.argv[1], "train"):
-    print("held", flush=True)
-    time.sleep(120)
-"""
-
-
-def test_a_second_writer_of_a_bucket_run_is_refused_naming_the_holder(s3, tmp_path):
-    run = f"s3://{BUCKET}/locks/busy"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, run], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, **s3[1]})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        started = time.time()
-        proc = run_cli("train", "--preset", "smoke", "--storage", f"s3://{BUCKET}/locks", "--name", "busy", env=s3[1],
-                       cwd=tmp_path)
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert f"in use by `mnist-dist train` (pid {holder.pid} on {socket.gethostname()}" in last_line(proc), last_line(proc)
-        assert time.time() - started < 30
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def test_the_lock_of_a_killed_holder_goes_stale_and_is_taken_over(s3, monkeypatch):
-    from mnist_dist import rundir
-    from mnist_dist.results import RunError
-
-    run = f"s3://{BUCKET}/locks/killed"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, run], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, **s3[1]})
-    assert holder.stdout.readline().strip() == "held"
-    holder.send_signal(signal.SIGKILL)  # no chance to release it
-    holder.wait()
-    with pytest.raises(RunError, match="in use by"), rundir.locked(run, "train"):
-        pass
-    monkeypatch.setattr(rundir, "STALE_S", 2.0)
-    time.sleep(2.5)
-    with rundir.locked(run, "train"):
-        lock = read("locks/killed/.lock")
-        assert lock["holder"].startswith(f"`mnist-dist train` (pid {os.getpid()} ")
-    assert "locks/killed/.lock" not in keys("locks/killed/")  # released
-
-
-def test_file_uris_are_local_paths(tmp_path):
-    from mnist_dist.rundir import storage_path
-
-    assert storage_path(f"file://{tmp_path}/runs") == f"{tmp_path}/runs"
+@pytest.mark.slow
+def test_in_process_training_writes_its_run_into_the_bucket(s3, tmp_path):
+    proc = run_cli("train", "--in-process", "--preset", "smoke", "--storage", f"s3://{BUCKET}/local", "--name", "one",
+                   "--train-limit", "1024", "--epochs", "1", env=s3[1], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = keys("local/one/")
+    for key in ("config.json", "result.json", "best.json", "checkpoint_epoch001/model.keras",
+                "checkpoint_epoch001/state.json", "checkpoint_epoch001/.mnist-dist.json"):
+        assert f"local/one/{key}" in names, names
+    assert any(n.startswith("local/one/tensorboard/events.out.tfevents.") for n in names), names
+    assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,9 @@
 """No command or flag of the project deletes a folder it did not make (mnist_dist/ownership.py).
 
-Every case runs the real `mnist-dist export` on a real trained run, or the real checkpoint
-session, and checks afterwards that every file the user had is still there, byte for byte.
+The refusals are decided before any model is loaded, so they are tested in this process on a
+run of fake files (quick); what replaces a real export or checkpoint runs the real command on a
+real trained run (slow). Every case checks afterwards that every file the user had is still
+there, byte for byte.
 """
 import json
 import shutil
@@ -11,13 +13,27 @@ import pytest
 
 from conftest import run_cli
 from mnist_dist import ownership
-
-pytestmark = pytest.mark.slow
+from mnist_dist.export import ExportOptions, export
+from mnist_dist.store import Location
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below `folder`, but a run's `.lock`: each command that takes it writes its own name there."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    """A finished run's files, with a checkpoint no model could load: every refusal comes before loading."""
+    run = tmp_path / "storage" / "small"
+    checkpoint = run / "checkpoint_epoch001"
+    checkpoint.mkdir(parents=True)
+    ownership.mark(checkpoint, "checkpoint")
+    (checkpoint / "model.keras").write_bytes(b"not a model")
+    (checkpoint / "state.json").write_text("{}")
+    (run / "best.json").write_text(json.dumps({"checkpoint": "checkpoint_epoch001", "epoch": 1}))
+    (run / "result.json").write_text(json.dumps({"epochs_completed": 1, "history": [], "config": {}}))
+    return run
 
 
 @pytest.fixture
@@ -44,53 +60,72 @@ def refused(proc, *expected: str):
     return line
 
 
+def export_refused(run: Path, out: Path, *expected: str, force: bool = True) -> str:
+    with pytest.raises(ownership.OwnershipError) as raised:
+        export(run=run, out=out, options=ExportOptions(force=force), log=lambda _: None)
+    line = str(raised.value)
+    for text in expected:
+        assert text in line, line
+    return line
+
+
 @pytest.mark.parametrize("where", ["the run itself", "the storage holding the run", "a checkpoint of the run"])
-def test_export_never_replaces_the_run_it_reads_even_with_force(run_copy, where):
-    out = {"the run itself": run_copy, "the storage holding the run": run_copy.parent,
-           "a checkpoint of the run": run_copy / "checkpoint_epoch001"}[where]
-    before = snapshot(run_copy.parent)
-    line = refused(run_cli("export", "--run", run_copy, "--out", out, "--force"), str(out), "left as it is", "Fix:")
+def test_export_never_replaces_the_run_it_reads_even_with_force(fake_run, where):
+    out = {"the run itself": fake_run, "the storage holding the run": fake_run.parent,
+           "a checkpoint of the run": fake_run / "checkpoint_epoch001"}[where]
+    before = snapshot(fake_run.parent)
+    line = export_refused(fake_run, out, str(out), "left as it is", "Fix:")
     assert "which this command reads" in line or "run directory" in line
-    assert snapshot(run_copy.parent) == before
+    assert snapshot(fake_run.parent) == before
 
 
-def test_export_never_replaces_a_folder_of_user_files_even_with_force(run_copy, tmp_path):
+def test_export_never_replaces_a_folder_of_user_files_even_with_force(fake_run, tmp_path):
     folder = user_folder(tmp_path / "mine", notes_txt="my notes", data_csv="1,2,3")
     before = snapshot(folder)
-    refused(run_cli("export", "--run", run_copy, "--out", folder, "--force"), "did not write", "Fix: choose another --out")
+    export_refused(fake_run, folder, "did not write", "Fix: choose another --out")
     assert snapshot(folder) == before
 
 
-def test_an_unverified_report_json_does_not_make_a_folder_replaceable(run_copy, tmp_path):
+def test_an_unverified_report_json_does_not_make_a_folder_replaceable(fake_run, tmp_path):
     # Before, a report.json without "verified": true was enough to replace the folder, user files and all.
     folder = user_folder(tmp_path / "out", report_json=json.dumps({"verified": False}), thesis_tex="years of work")
     before = snapshot(folder)
-    refused(run_cli("export", "--run", run_copy, "--out", folder), "did not write")
+    export_refused(fake_run, folder, "did not write", force=False)
     assert snapshot(folder) == before
 
 
-def test_a_rejected_folder_of_user_files_is_refused_up_front(run_copy, tmp_path):
+def test_a_rejected_folder_of_user_files_is_refused_up_front(fake_run, tmp_path):
     folder = user_folder(tmp_path / "out.rejected", keep_txt="mine")
     before = snapshot(folder)
-    refused(run_cli("export", "--run", run_copy, "--out", tmp_path / "out"), "out.rejected", "did not write")
+    export_refused(fake_run, tmp_path / "out", "out.rejected", "did not write", force=False)
     assert snapshot(folder) == before and not (tmp_path / "out").exists()
 
 
-def test_a_marker_alone_does_not_make_foreign_files_replaceable(run_copy, tmp_path):
+def test_a_marker_alone_does_not_make_foreign_files_replaceable(fake_run, tmp_path):
     folder = user_folder(tmp_path / "out", keep_txt="mine")
     ownership.mark(folder, "export")
     before = snapshot(folder)
-    refused(run_cli("export", "--run", run_copy, "--out", folder, "--force"), "does not write (keep.txt)")
+    export_refused(fake_run, folder, "does not write (keep.txt)")
     assert snapshot(folder) == before
 
 
-def test_a_symbolic_link_is_never_replaced(run_copy, tmp_path):
+def test_a_symbolic_link_is_never_replaced(fake_run, tmp_path):
     target = user_folder(tmp_path / "elsewhere", keep_txt="mine")
     (tmp_path / "out").symlink_to(target)
-    refused(run_cli("export", "--run", run_copy, "--out", tmp_path / "out", "--force"), "symbolic link")
+    export_refused(fake_run, tmp_path / "out", "symbolic link")
     assert (tmp_path / "out").is_symlink() and snapshot(target) == {"keep.txt": b"mine"}
 
 
+def test_a_folder_holding_only_a_run_config_is_a_run(tmp_path):
+    """One list of what makes a run (ownership.RUN_FILES), for export and training alike."""
+    from mnist_dist.rundir import check_is_run_or_new
+
+    started = user_folder(tmp_path / "started", config_json="{}")  # a run that has written only its config.json
+    assert ownership.why_not_replaceable(Location.of(started), "export") == "is a training run directory"
+    check_is_run_or_new(Location.of(started))  # and training may continue it
+
+
+@pytest.mark.slow  # exports
 def test_an_empty_folder_is_taken_and_an_earlier_export_replaced_only_with_force(run_copy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -106,6 +141,7 @@ def test_an_empty_folder_is_taken_and_an_earlier_export_replaced_only_with_force
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or backup folder left
 
 
+@pytest.mark.slow  # exports
 def test_a_rejected_export_replaces_only_an_earlier_rejected_export(run_copy, tmp_path):
     args = ("export", "--run", run_copy, "--out", tmp_path / "out", "--tolerance", "0")  # the fp32 rule must fail
     for _ in range(2):  # the second run replaces the first run's rejected files
@@ -118,6 +154,7 @@ def test_a_rejected_export_replaces_only_an_earlier_rejected_export(run_copy, tm
     assert (tmp_path / "out.rejected" / "mine.txt").read_text() == "a note I left here"
 
 
+@pytest.mark.slow  # trains
 def test_a_checkpoint_is_replaced_only_when_it_is_one_of_ours(tmp_path):
     """The in-process session re-trains an epoch whose checkpoint was cut off mid-write."""
     from mnist_dist.config import TrainConfig
@@ -126,22 +163,24 @@ def test_a_checkpoint_is_replaced_only_when_it_is_one_of_ours(tmp_path):
 
     config = TrainConfig(model="lenet5", epochs=2, batch_size=50, workers=1, synthetic=True, train_limit=500,
                          val_size=100, eval_every=1000)
-    train(config, DirectorySession(tmp_path), log=lambda _: None)
+    train(config, DirectorySession(Location.of(tmp_path)), log=lambda _: None)
     broken = tmp_path / "checkpoint_epoch002" / "model.keras"
     broken.write_bytes(broken.read_bytes()[:1000])
-    final = train(config, DirectorySession(tmp_path), log=lambda _: None)  # retrains epoch 2 over its own debris
+    final = train(config, DirectorySession(Location.of(tmp_path)), log=lambda _: None)  # retrains epoch 2 over its own debris
     assert final["epoch"] == 2 and (tmp_path / "checkpoint_epoch002" / ownership.MARKER).is_file()
     # A folder of the user's under that name is not debris: nothing in it is touched.
     shutil.rmtree(tmp_path / "checkpoint_epoch002")
     user_folder(tmp_path / "checkpoint_epoch002", keep_txt="mine")
     with pytest.raises(ownership.OwnershipError, match="did not write"):
-        train(config, DirectorySession(tmp_path), log=lambda _: None)
+        train(config, DirectorySession(Location.of(tmp_path)), log=lambda _: None)
     assert snapshot(tmp_path / "checkpoint_epoch002") == {"keep.txt": b"mine"}
     assert not list(tmp_path.glob(".checkpoint_epoch002.tmp-*"))  # its staging copy is gone
 
 
 def test_the_rule_by_itself(tmp_path):
-    reason = ownership.why_not_replaceable
+    def reason(path, kind, protected=()):
+        return ownership.why_not_replaceable(Location.of(path), kind, tuple(Location.of(p) for p in protected))
+
     assert reason(tmp_path / "missing", "export") is None
     assert reason(user_folder(tmp_path / "empty"), "export") is None
     assert "not a directory" in reason(Path(user_folder(tmp_path / "f", a_txt="x") / "a.txt"), "export")
@@ -156,21 +195,33 @@ def test_the_rule_by_itself(tmp_path):
     assert "which this command reads" in reason(tmp_path, "export", protected=(run,))
 
 
-def test_report_never_writes_into_a_folder_of_user_files(run_copy, tmp_path):
+def test_report_never_writes_into_a_folder_of_user_files(fake_run, tmp_path):
+    from mnist_dist.report import write_report
+
     mine = user_folder(tmp_path / "mine", report_md="my own report", notes_txt="keep me")
     before = snapshot(mine)
-    refused(run_cli("report", "--run", run_copy, "--out", mine), str(mine), "did not write", "Fix: choose another --out")
-    refused(run_cli("report", "--run", run_copy, "--out", run_copy), "is or contains")
+    for out, expected in ((mine, "did not write"), (fake_run, "is or contains")):
+        with pytest.raises(ownership.OwnershipError, match=expected):
+            write_report(fake_run, out=out, log=lambda _: None)
     assert snapshot(mine) == before
 
 
-def test_baseline_and_bench_never_overwrite_a_file_they_did_not_write(run_copy, tmp_path):
+def test_baseline_and_bench_never_overwrite_a_file_they_did_not_write(fake_run, tmp_path):
+    from mnist_dist import baselines
+    from mnist_dist.bench import check_json_path
+    from mnist_dist.config import TrainConfig
+
     mine = tmp_path / "figures.json"
     mine.write_text('{"my": "numbers"}')
-    refused(run_cli("baseline", "--out", mine, "--epochs", "1"), str(mine), "`mnist-dist baseline` did not write")
-    refused(run_cli("bench", "infer", "--run", run_copy, "--json", mine), str(mine), "`mnist-dist bench` did not write")
-    refused(run_cli("bench", "train", "--json", tmp_path), "exists and is not a file")
-    assert mine.read_text() == '{"my": "numbers"}'
+    for where in ({"out": Location.of(mine)}, {"run_dir": Location.of(fake_run)}):
+        (fake_run / "baselines.json").write_text('{"my": "numbers"}')
+        with pytest.raises(ownership.OwnershipError, match="`mnist-dist baseline` did not write"):
+            baselines.run(TrainConfig(epochs=1), epochs=1, log=lambda _: None, **where)
+    with pytest.raises(ownership.OwnershipError, match="`mnist-dist bench` did not write"):
+        check_json_path(str(mine))
+    with pytest.raises(ownership.OwnershipError, match="exists and is not a file"):
+        check_json_path(str(tmp_path))
+    assert mine.read_text() == '{"my": "numbers"}' and (fake_run / "baselines.json").read_text() == '{"my": "numbers"}'
     ours = tmp_path / "ours.json"
     ours.write_text(json.dumps({"made_by": "mnist-dist baseline", "baselines": []}))
-    ownership.check_file_replaceable(ours, "mnist-dist baseline", "x")  # an earlier one of ours is replaced
+    ownership.check_file_replaceable(Location.of(ours), "mnist-dist baseline", "x")  # an earlier one of ours is replaced

@@ -5,8 +5,6 @@ The page must classify, and preprocess, exactly as the Python edge runtime does;
 """
 import base64
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -15,6 +13,7 @@ import pytest
 from helpers.browser import call, chromium, why_not
 
 from mnist_dist import ownership, web_demo
+from mnist_dist.cli import main as cli_main
 
 # wasm's and the native CPU's kernels add floats in different orders; docs/benchmarks.md
 # gives the differences measured, well inside this.
@@ -206,24 +205,18 @@ def test_the_server_serves_the_page_onnxruntime_web_and_the_models_only(fake_exp
 def test_a_run_without_a_verified_export_gets_one_line(tmp_path, fake_export, capsys):
     run = tmp_path / "unexported"
     run.mkdir()
-    assert web_demo.main(["--run", str(run), "--port", "0"]) == 2
+    assert cli_main(["serve-demo", "--run", str(run), "--port", "0"]) == 2
     assert capsys.readouterr().err == (f"error: {run / 'export'}: not a verified export. "
                                        f"Fix: mnist-dist export --run {run}.\n")
     (fake_export / "report.json").write_text(json.dumps({"verified": False}))
-    assert web_demo.main(["--export", str(fake_export), "--port", "0"]) == 2
+    assert cli_main(["serve-demo", "--export", str(fake_export), "--port", "0"]) == 2
     assert "not a verified export" in capsys.readouterr().err
-    assert web_demo.main(["--run", str(tmp_path / "nowhere")]) == 2
+    assert cli_main(["serve-demo", "--run", str(tmp_path / "nowhere")]) == 2
     assert "no such run directory" in capsys.readouterr().err
 
 
 def test_missing_node_modules_gets_one_line_naming_npm_ci(fake_export, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(web_demo, "ORT_DIR", tmp_path / "no-node-modules" / "dist")
-    assert web_demo.main(["--export", str(fake_export), "--port", "0"]) == 2
+    assert cli_main(["serve-demo", "--export", str(fake_export), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "onnxruntime-web is not installed" in err and "npm ci --prefix" in err
-
-
-def test_the_module_runs_as_a_command_with_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mnist_dist.web_demo", "--run", str(tmp_path / "nowhere")],
-                          check=False, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Fix:" in proc.stderr, proc.stderr

@@ -13,7 +13,6 @@ assert on a timing.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mnist_dist.machine import describe, summary_lines
@@ -41,16 +40,17 @@ MADE_BY = "mnist-dist bench"
 def check_json_path(path: str | None) -> None:
     """Before any measuring: --json replaces only an earlier `bench --json` file."""
     from mnist_dist import ownership
+    from mnist_dist.store import Location
 
     if path:
-        ownership.check_file_replaceable(path, MADE_BY, "choose another --json file")
+        ownership.check_file_replaceable(Location.of(path), MADE_BY, "choose another --json file")
 
 
 def save(path: str | None, payload: dict[str, Any], log: Callable[[str], None] = print) -> None:
     from mnist_dist import ownership
-    from mnist_dist.checkpoint import write_json_atomic
+    from mnist_dist.store import Location
 
     if path:
         check_json_path(path)
-        write_json_atomic(Path(path), {ownership.MADE_BY: MADE_BY, **payload})
+        Location.of(path).write_json({ownership.MADE_BY: MADE_BY, **payload})
         log(f"wrote {path}")

@@ -60,13 +60,13 @@ def _plain_fit(model_name: str, global_batch: int, precision: str, steps: int, s
 
 def _project_step(model_name: str, global_batch: int, precision: str, steps: int) -> dict[str, Any]:
     """(b), in this process: the training loop the Ray workers run, with the default strategy."""
-    from mnist_dist.local import train_in_process
+    from mnist_dist import training
 
     with tempfile.TemporaryDirectory() as storage:
         config = TrainConfig(model=model_name, batch_size=global_batch, precision=precision, epochs=2,
                              train_limit=steps * global_batch, val_size=1000, eval_every=10**9,
                              cpus_per_worker=usable_cores(), storage=storage, name="bench")
-        result = train_in_process(config, log=lambda _line: None)
+        result = training.run(config, in_process=True, log=lambda _line: None)
     return {"img_s": result["history"][-1]["images_per_second"]}
 
 

@@ -1,0 +1,33 @@
+"""`mnist-dist pipeline`: train, then export the best checkpoint, as one writer of the run.
+
+This is what `ray job submit` and the RayJob run. Run again (a retried Ray job, a re-applied
+RayJob) it finishes what is left: nothing when the verified export is of the best
+checkpoint; a new export when the run has trained on since.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mnist_dist import rundir, training
+from mnist_dist.config import TrainConfig
+from mnist_dist.export import ExportOptions, export, published
+from mnist_dist.store import Location, basename
+
+
+def run(config: TrainConfig, options: ExportOptions = ExportOptions(), export_dir: str | os.PathLike | None = None,
+        in_process: bool = False, log=print) -> dict[str, Any]:
+    """Returns the export's report (its "verified" says whether it was published)."""
+    options.validate()  # before minutes of training
+    config = rundir.settle(config)
+    with rundir.locked(rundir.run_dir(config), "pipeline"):  # one writer from training to the export
+        result = training.run(config, in_process=in_process, log=log)
+        out = Location.of(export_dir) if export_dir is not None else Location.of(result["run_dir"]) / "export"
+        previous = published(out)
+        best = basename(result["best_checkpoint"])
+        if previous is not None and basename(previous["checkpoint"]) == best:
+            log(f"verified export of {best} already in {out}: nothing to export")
+            return previous
+        # An export of an earlier best checkpoint (the run has trained on since) is replaced.
+        options = ExportOptions(**{**options.__dict__, "force": options.force or previous is not None})
+        return export(run=result["run_dir"], out=out, options=options, log=log)

@@ -1,0 +1,476 @@
+"""The run store: every place mnist-dist reads or writes, on a local disk or in a bucket, as one value.
+
+A `Location` is a pyarrow.fs filesystem and a path on it, made once from the user's string
+(`runs`, `/mnt/nfs/runs`, `s3://bucket/runs?endpoint_override=host:9000`), as Ray Train's
+own StorageContext keeps one. Reads, writes, listings, copies and existence checks all go
+through it. Only three things differ by kind, each behind one method:
+
+- `lock`: an OS lock on a local disk; an owner object with a heartbeat in a bucket;
+- `publish`: a folder swapped in by rename locally; in a bucket, file by file with its
+  commit record last;
+- `mirror`: TensorBoard's event files, written locally and put into a bucket.
+
+A URI may carry pyarrow's options in its query, so names are joined before the query.
+Credentials and endpoints come the standard way (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, a
+node's role). No other module asks whether a location is a URI.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.errors import RunError
+
+BUCKET_FIX = ("Fix: check the bucket name, the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's "
+              "role) and the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=HOST:PORT in the URI).")
+FOLDER_FIX = "Fix: point --storage at a writable folder (or a URI) and --name at a new or earlier run."
+
+
+def is_uri(text: str | os.PathLike) -> bool:
+    return "://" in str(text)
+
+
+def basename(text: str | os.PathLike) -> str:
+    """The last component of a path or URI (`checkpoint_epoch002`), whatever its kind."""
+    return str(text).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder: an absolute local path, or a URI (`s3://bucket/prefix?query`)."""
+
+    uri: str
+
+    @classmethod
+    def of(cls, where: str | os.PathLike | Location) -> Location:
+        """From the user's string: relative paths against this directory, `~` expanded, file:// dropped."""
+        if isinstance(where, Location):
+            return where
+        text = str(where).removeprefix("file://")
+        if is_uri(text):
+            return cls(text)
+        return cls(os.path.abspath(os.path.expanduser(text)))  # links kept: `is_symlink` must still see them
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __truediv__(self, name: str) -> Location:
+        base, sep, query = self.uri.partition("?")
+        return Location("/".join([base.rstrip("/"), name.strip("/")]) + sep + query)
+
+    @property
+    def name(self) -> str:
+        return basename(self.uri)
+
+    @property
+    def parent(self) -> Location:
+        base, sep, query = self.uri.partition("?")
+        head = base.rstrip("/").rsplit("/", 1)[0]
+        return Location((head or "/") + sep + query)
+
+    @property
+    def _local(self) -> bool:
+        return not is_uri(self.uri)
+
+    # ------------------------------------------------------------ pyarrow
+    @functools.cached_property
+    def _fs(self):
+        """(pyarrow FileSystem, path on it); one line for a scheme pyarrow does not know."""
+        import pyarrow.fs
+
+        if self._local:
+            return pyarrow.fs.LocalFileSystem(), self.uri
+        try:
+            return pyarrow.fs.FileSystem.from_uri(self.uri)
+        except (ValueError, OSError) as exc:  # ArrowInvalid is a ValueError
+            raise RunError(f"{self.uri}: not a storage URI that pyarrow.fs can open ({_first_line(exc)}). Fix: a local "
+                           "path, or a URI such as s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or hdfs://HOST/PATH.") from None
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """An OS or storage error as one line naming the location and the fix; a missing file passes."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if self._local:
+                raise RunError(f"{self.uri}: {doing} failed ({exc.strerror or _first_line(exc)}). {FOLDER_FIX}") from None
+            raise RunError(f"{self.uri}: {doing} failed ({_first_line(exc)}). {BUCKET_FIX}") from None
+
+    def _info(self):
+        fs, path = self._fs
+        with self._errors("reading"):
+            return fs.get_file_info(path)
+
+    # ------------------------------------------------------------ questions
+    def exists(self) -> bool:
+        import pyarrow.fs
+
+        return self._info().type != pyarrow.fs.FileType.NotFound or (not self._local and bool(self.entries()))
+
+    def is_file(self) -> bool:
+        import pyarrow.fs
+
+        return self._info().type == pyarrow.fs.FileType.File
+
+    def is_dir(self) -> bool:
+        """A folder, or a bucket prefix that holds objects."""
+        return self.exists() and not self.is_file()
+
+    def is_symlink(self) -> bool:
+        return self._local and Path(self.uri).is_symlink()  # buckets have no links
+
+    def contains(self, other: Location) -> bool:
+        """Whether `other` is this location or lies below it."""
+        mine, theirs = (x.uri.partition("?")[0].rstrip("/") if not x._local else os.path.realpath(x.uri)
+                        for x in (self, other))
+        return theirs == mine or theirs.startswith(mine.rstrip("/") + "/")
+
+    def entries(self) -> list[tuple[str, bool]]:
+        """(name, is a plain file) of what is directly inside; [] for nothing there. A link is no plain file."""
+        import pyarrow.fs
+
+        if self._local:
+            with self._errors("listing"):
+                if not Path(self.uri).is_dir():
+                    return []
+                return [(e.name, e.is_file(follow_symlinks=False)) for e in os.scandir(self.uri)]
+        fs, path = self._fs
+        with self._errors("listing"):
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        return [(info.base_name, info.type == pyarrow.fs.FileType.File) for info in infos]
+
+    # ------------------------------------------------------------ reading and writing
+    def read_bytes(self) -> bytes | None:
+        """The file's bytes, or None when there is no such file."""
+        fs, path = self._fs
+        try:
+            with self._errors("reading"), fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def read_json(self) -> Any:
+        """The parsed JSON document, None when absent; a ValueError for one that does not parse."""
+        data = self.read_bytes()
+        return None if data is None else json.loads(data)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Written whole or not at all: temp file, fsync and rename locally; one put in a bucket."""
+        if self._local:
+            target = Path(self.uri)
+            with self._errors("writing"):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            return
+        fs, path = self._fs
+        with self._errors("writing"), fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def write_json(self, payload: Any) -> None:
+        self.write_bytes(json.dumps(payload, indent=2, sort_keys=True).encode())
+
+    def delete(self) -> None:
+        """Remove one file; nothing there is fine."""
+        fs, path = self._fs
+        with contextlib.suppress(FileNotFoundError), self._errors("deleting"):
+            fs.delete_file(path)
+
+    def make_dirs(self) -> None:
+        """The folder and its parents (a bucket needs none)."""
+        if self._local:
+            with self._errors("writing"):
+                Path(self.uri).mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def local_copy(self) -> Iterator[Path]:
+        """A local path holding this location's files: the path itself, or a temporary download.
+        FileNotFoundError when nothing is there."""
+        import pyarrow.fs
+
+        if self._local:
+            if not Path(self.uri).exists():
+                raise FileNotFoundError(self.uri)
+            yield Path(self.uri)
+            return
+        if not self.exists():
+            raise FileNotFoundError(self.uri)
+        fs, path = self._fs
+        work = Path(tempfile.mkdtemp(prefix="mnist-dist-"))
+        try:
+            local = work / self.name
+            with self._errors("downloading"):
+                if not self.is_file():
+                    local.mkdir()
+                pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
+            yield local
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # ------------------------------------------------------------ publish: a folder swapped in whole
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private local folder to build what `publish` will put here; removed afterwards.
+
+        Locally it sits beside this location, so publishing is a rename on one filesystem
+        (tmpfs /tmp, or a run on NFS, would otherwise make it a copy).
+        """
+        if self._local:
+            parent = Path(self.uri).parent
+            with self._errors("writing"):
+                parent.mkdir(parents=True, exist_ok=True)
+                work = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=parent))
+        else:
+            work = Path(tempfile.mkdtemp(prefix=f"mnist-dist-{self.name}-"))
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def publish(self, staged: Path, commit: str, first: str | None = None) -> None:
+        """Put the folder `staged` (from `staging`) here, replacing what is here.
+
+        Locally, what was here is moved aside by rename and its files deleted only once the
+        new folder is in place: a crash leaves the old or the new one. A bucket has no rename,
+        so the prefix changes file by file: `first` (a marker) first; the old `commit` record
+        before the old files; the new one after the new files. Cut off at any point, the prefix
+        holds no commit record, so nothing takes it for a finished one. The caller has checked
+        that what is here may be replaced (mnist_dist.ownership).
+        """
+        if self._local:
+            target = Path(self.uri)
+            staged.chmod(0o755)  # mkdtemp made it private; what is published is meant to be shared
+            if not target.exists():
+                staged.rename(target)
+                return
+            if not any(target.iterdir()):
+                target.rmdir()
+                staged.rename(target)
+                return
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(backup)
+            staged.rename(target)
+            for entry in backup.iterdir():  # only the kind's own files, as the caller checked
+                entry.unlink()
+            backup.rmdir()
+            return
+        old = [name for name, _ in self.entries() if name != first]
+        if first is not None:
+            (self / first).write_bytes((staged / first).read_bytes())
+        for name in sorted(old, key=lambda n: n != commit):  # the commit record first
+            (self / name).delete()
+        for file in sorted((p for p in staged.iterdir() if p.is_file() and p.name != first), key=lambda p: p.name == commit):
+            (self / file.name).write_bytes(file.read_bytes())
+
+    # ------------------------------------------------------------ mirror: TensorBoard's events
+    def mirror(self) -> Mirror:
+        """A local folder whose files `Mirror.sync` puts here (a local location is its own)."""
+        return Mirror(self)
+
+    # ------------------------------------------------------------ lock: one writer
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """One writer: an exclusive lock on THIS/.lock for as long as the command runs.
+
+        A process that already holds it takes it again for free (the pipeline's export after
+        its training). Locally the kernel drops the lock when its process dies, however it
+        dies, so a killed command's lock is simply taken by the next one. A bucket has no
+        lock to take: there it is an owner object with a heartbeat (`_bucket_lock`).
+        """
+        if self.uri in _held:
+            yield
+            return
+        lock = _bucket_lock if not self._local else _os_lock
+        with lock(self, command):
+            yield
+
+    # ------------------------------------------------------------ reachability
+    def check_reachable(self) -> None:
+        """Fail in seconds, before Ray starts, on storage that is a file, or a bucket that is missing or unreadable."""
+        import pyarrow.fs
+
+        info = self._info()
+        if info.type == pyarrow.fs.FileType.File:
+            raise RunError(f"{self.uri}: is a file, not a folder. Fix: point --storage at a folder (or a prefix, s3://BUCKET/runs).")
+        fs, path = self._fs
+        bucket = path.split("/", 1)[0]
+        if fs.type_name in ("s3", "gcs"):
+            with self._errors("reading"):
+                if fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+                    raise RunError(f"{self.uri}: bucket {bucket} does not exist. Fix: create it, or pass the right bucket. "
+                                   + BUCKET_FIX[5:])
+
+    def check_shared(self, node_hosts: set[str], mounts: str | None = None) -> None:
+        """Refuse a folder on one node's own disk when the cluster spans several hosts.
+
+        Ray Train fails only when a worker on another host reports its first checkpoint, after
+        training has started; nodes on one host (as in the tests) share its disks.
+        """
+        if not self._local or len(node_hosts) <= 1:
+            return
+        kind = filesystem_type(self.uri, mounts)
+        if kind in SHARED_FILESYSTEMS or kind.startswith("fuse"):
+            return
+        hosts = ", ".join(sorted(node_hosts)[:3]) + (", ..." if len(node_hosts) > 3 else "")
+        raise RunError(f"--storage {self.uri} is on this node's own {kind} filesystem, but the cluster's nodes are on "
+                       f"{len(node_hosts)} hosts ({hosts}): workers elsewhere cannot write their checkpoints there. "
+                       "Fix: an NFS path mounted on every node, or a URI (--storage s3://BUCKET/runs, gs://...).")
+
+
+class Mirror:
+    """TensorFlow cannot append to an object store without tensorflow-io, so a bucket's
+    events are written to a local folder and put whole into the bucket at every `sync`."""
+
+    def __init__(self, location: Location):
+        self.location = location
+        self.remote = not location._local
+        self.path = Path(tempfile.mkdtemp(prefix="mnist-dist-events-")) if self.remote else Path(location.uri)
+
+    def sync(self) -> None:
+        if self.remote:
+            for file in self.path.iterdir():
+                (self.location / file.name).write_bytes(file.read_bytes())
+
+    def close(self) -> None:
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+# ---------------------------------------------------------------- the two locks
+LOCK_FILE = ".lock"
+_held: dict[str, Any] = {}  # location -> the open lock file, or the bucket lock's token, while this process holds it
+# A bucket lock's holder rewrites it every HEARTBEAT_S; one not rewritten for STALE_S
+# belongs to a process that died (a killed driver, a deleted pod) and is taken over.
+HEARTBEAT_S, STALE_S, SETTLE_S = 5.0, 30.0, 1.0
+
+
+def _holder(command: str) -> str:
+    import socket
+
+    return f"`mnist-dist {command}` (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')})"
+
+
+@contextlib.contextmanager
+def _os_lock(location: Location, command: str) -> Iterator[None]:
+    import fcntl
+
+    try:
+        Path(location.uri).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(location.uri) / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise RunError(f"{location}: cannot write the run directory ({exc.strerror or exc}). {FOLDER_FIX}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunError(f"{location}: in use by {holder}. Fix: wait for that command to finish, or pass another --name.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(_holder(command) + "\n")  # names the holder for the one-line refusal a second writer gets
+    handle.flush()
+    _held[location.uri] = handle
+    try:
+        yield
+    finally:
+        del _held[location.uri]
+        handle.close()  # releases the lock; the file stays, naming the last holder
+
+
+def _read_lock(lock: Location) -> dict[str, Any] | None:
+    try:
+        content = lock.read_json()
+    except ValueError:
+        return None  # a torn or foreign object is no live holder
+    return content if isinstance(content, dict) and isinstance(content.get("heartbeat"), (int, float)) else None
+
+
+@contextlib.contextmanager
+def _bucket_lock(location: Location, command: str) -> Iterator[None]:
+    """Two writers that race for a free lock both write it; each reads it back SETTLE_S later,
+    and only the one whose token is there goes on. While it runs, a daemon thread renews the
+    heartbeat; the lock is deleted at the end, and a dead holder's lock goes stale."""
+    import threading
+    import uuid
+
+    lock, token, holder = location / LOCK_FILE, uuid.uuid4().hex, _holder(command)
+
+    def refuse(current: dict[str, Any]) -> RunError:
+        age = time.time() - current["heartbeat"]
+        return RunError(f"{location}: in use by {current.get('holder', 'another process')} (heartbeat {age:.0f} s ago). "
+                        f"Fix: wait for that command to finish, or pass another --name (the lock of a holder that died "
+                        f"expires {STALE_S:.0f} s after its last heartbeat).")
+
+    def beat() -> None:
+        lock.write_json({"holder": holder, "token": token, "heartbeat": time.time()})
+
+    current = _read_lock(lock)
+    if current is not None and time.time() - current["heartbeat"] < STALE_S:
+        raise refuse(current)
+    beat()
+    time.sleep(SETTLE_S)
+    current = _read_lock(lock)
+    if current is None or current.get("token") != token:
+        raise refuse(current or {"heartbeat": time.time()})
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            if (_read_lock(lock) or {}).get("token") == token:
+                beat()
+
+    thread = threading.Thread(target=renew, name="mnist-dist-run-lock", daemon=True)
+    thread.start()
+    _held[location.uri] = token
+    try:
+        yield
+    finally:
+        del _held[location.uri]
+        stop.set()
+        thread.join()
+        if (_read_lock(lock) or {}).get("token") == token:
+            lock.delete()
+
+
+# ---------------------------------------------------------------- node-local disks
+# Filesystems that other hosts can mount too. FUSE mounts are object stores or network
+# filesystems (s3fs, gcsfuse, blobfuse2) in practice.
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "gpfs", "beegfs", "9p", "virtiofs")
+
+
+def filesystem_type(path: str, mounts: str | None = None) -> str:
+    """The type of the filesystem that holds `path`: the longest mount point above it."""
+    if mounts is None:
+        mounts = Path("/proc/mounts").read_text() if Path("/proc/mounts").is_file() else ""
+    resolved, best, kind = Path(path).resolve(), "", "unknown"
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and (resolved == Path(fields[1]) or Path(fields[1]) in resolved.parents) \
+                and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind

@@ -28,8 +28,8 @@ class TrainConfig:
     model: str = "tf-tutorial"
     epochs: int = 10
     # The default schedule is tuned for time to accuracy (`bench tta`): Adam at global batch
-    # 256 reaches 99% test in about 1.5 epochs, where the tutorial's SGD recipe (the
-    # `tutorial` preset) needs about 3. Both end above 99.2% after 10 epochs.
+    # 256 reaches its accuracy target in half the epochs the tutorial's SGD recipe (the
+    # `tutorial` preset) needs (docs/benchmarks.md#time-to-accuracy-bench-tta).
     batch_size: int = 128  # per worker: the global batch is batch_size * workers
     optimizer: str = "adam"
     learning_rate: float = 0.002
@@ -159,8 +159,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The tutorial's own recipe: SGD + momentum 0.9, x0.95 per epoch, global batch 2 x 64, and
     # its 0.01 at batch 64 scaled linearly to 0.02 at 128.
     "tutorial": {"batch_size": 64, "optimizer": "sgd", "learning_rate": 0.02, "lr_decay": 0.95},
-    # cnn-deep, Adam, shifts + rotations + zoom, 30 epochs: test 99.65% here (validation 99.74%,
-    # best epoch 27; 58 min on 2 cores). cnn-bn with shifts stopped at 99.56%.
+    # cnn-deep, Adam, shifts + rotations + zoom, 30 epochs: the most accurate recipe found, ahead
+    # of cnn-bn with shifts (docs/benchmarks.md#accuracy-and-wall-time-of-full-runs).
     "best": {"model": "cnn-deep", "epochs": 30, "optimizer": "adam", "learning_rate": 0.001, "lr_decay": 0.92,
              "augment": True, "rotate": 10.0, "zoom": 0.1},
     # The edge model (models.edge): 30 epochs of mildly rotated and zoomed images, global

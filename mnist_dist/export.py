@@ -328,8 +328,8 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
 
 def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, max_int8_drop_pp: float) -> list[dict[str, Any]]:
     fp32, int8 = sections["fp32"], sections["int8"]
-    # Rounded far below one image (0.01 pp of 10,000): 0.9635 - 0.9625 is 0.1000000000000001
-    # pp in floats, and 10 images lost out of 10,000 must pass a 0.1 pp limit.
+    # Rounded far below one image of 10,000: in floats 0.9635 - 0.9625 is 0.1000000000000001
+    # points, and 10 images lost out of 10,000 must pass a limit of 0.1 points.
     drop_pp = round(100 * (int8["tf_accuracy"] - int8["ort_accuracy"]), 9)
     return [
         {"rule": "fp32_argmax_agreement", "passed": fp32["argmax_disagreements"] == 0,

@@ -1,4 +1,4 @@
-"""Run the training loop on N Ray Train workers (MultiWorkerMirroredStrategy, TF_CONFIG from mnist_dist.ray_backend).
+"""Run the training loop on N Ray Train workers (MultiWorkerMirroredStrategy, TF_CONFIG from mnist_dist.compat.ray_backend).
 
 The driver starts an embedded local Ray unless given an address (or run inside a Ray
 job), keeps the top-k checkpoints by validation accuracy with Ray's CheckpointConfig,
@@ -28,11 +28,21 @@ PID_DIR_ENV = "MNIST_DIST_PID_DIR"
 DIVERGED_FILE = "diverged.json"  # rank 0 tells the driver that the loss stopped being a number
 
 
-def worker_main(config_dict: dict[str, Any]) -> None:
+def worker_env() -> dict[str, str]:
+    """The driver's settings each worker needs, handed over in the train loop's config: a Ray
+    job's driver may not set a runtime_env of its own (the job's applies), and this works alike
+    on the embedded Ray, a cluster and in a job. Not MNIST_DATA_DIR: the driver settles that
+    into the config as an absolute path (data.settle_dir)."""
+    passed = {k: v for k, v in os.environ.items() if k in ("MNIST_DIST_CACHE", PID_DIR_ENV)}
+    return {**passed, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+
+
+def worker_main(loop_config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
+    os.environ.update(loop_config["env"])  # before TensorFlow is imported
     from mnist_dist import process_setup
 
-    config = TrainConfig.from_dict(config_dict)
+    config = TrainConfig.from_dict(loop_config["config"])
     if not config.synthetic:
         from mnist_dist.data import dir_on_this_node
         config = config.replace(data_dir=str(dir_on_this_node(config.data_dir)))
@@ -89,20 +99,12 @@ def init_ray(config: TrainConfig) -> None:
     if ray.is_initialized():
         return
     address = ray_address(config)
-    # Not MNIST_DATA_DIR: the driver settles it into the config as an absolute path (data.settle_dir).
-    env_vars = {k: v for k, v in os.environ.items() if k in ("MNIST_DIST_CACHE", PID_DIR_ENV)}
-    runtime_env = {"env_vars": {**env_vars, "TF_CPP_MIN_LOG_LEVEL": "2"}}
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        # Inside `ray job submit` / a RayJob: the job's runtime_env already applies, and Ray
-        # refuses a driver that sets the same keys again.
-        ray.init(address=address or "auto", log_to_driver=True)
-    elif address:  # an existing cluster: `auto` or `ray://host:10001`
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    if address:  # a cluster: `auto`, `ray://host:10001`, or the one a Ray job runs in (Ray sets RAY_ADDRESS there)
+        ray.init(address=address, log_to_driver=True)
     else:
         # Propagated from the driver to Ray Train's controller; see compat.LOCAL_RAY_TRAIN_ENV.
         compat.set_default_env(compat.LOCAL_RAY_TRAIN_ENV)
-        if not config.dashboard:
-            runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_placement_group_cleaner"
+        runtime_env = {} if config.dashboard else {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"}
         # address="local": always a Ray of its own. Without it, ray.init() joins any cluster a
         # `ray start` left running on this machine (and then refuses num_cpus).
         ray.init(address="local", **local_ray_options(config), runtime_env=runtime_env, log_to_driver=True,
@@ -169,8 +171,8 @@ def keep_ray_on_loopback(config: TrainConfig) -> None:
     warning that one may opt out. A user's own RAY_AUTH_MODE wins. See compat.LOOPBACK_ENV;
     tests/test_security.py checks every listener.
     """
-    if ray_address(config) or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "ray" in sys.modules:
-        return  # a cluster of several nodes, or too late (ray already imported in this process)
+    if ray_address(config) or "ray" in sys.modules:
+        return  # a cluster (a Ray job's driver too: Ray sets RAY_ADDRESS), or too late (ray already imported)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not config.expose_ray:
         compat.set_default_env(compat.LOOPBACK_ENV)
@@ -185,7 +187,7 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
     compat.check_version("keras", importlib.metadata.version("keras"), compat.KERAS_TESTED)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
-    from mnist_dist.ray_backend import TfConfig
+    from mnist_dist.compat.ray_backend import TfConfig
 
     DataParallelTrainer = compat.data_parallel_trainer()
 
@@ -198,7 +200,7 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
     trainer = DataParallelTrainer(
         worker_main,
         backend_config=TfConfig(),
-        train_loop_config=config.to_dict(),
+        train_loop_config={"config": config.to_dict(), "env": worker_env()},
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.name,

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from mnist_dist import compat
+
 
 def thread_env(cpus: int) -> dict[str, str]:
     """Environment that keeps every native thread pool inside the worker's CPU allotment.
@@ -78,11 +80,9 @@ def pin_threads(cores: set[int]) -> None:
 def hidden_modules(*names: str) -> Iterator[None]:
     """Inside: importing these (not yet imported) packages raises ImportError. After: they import normally.
 
-    `import tensorflow` imports Keras, and Keras imports matplotlib.pyplot for its optional
-    image-gallery helper when matplotlib is installed (this project installs it for
-    `mnist-dist report`). Workers never plot, so hiding it shortens each worker's
-    TensorFlow import (docs/benchmarks.md), and Keras sets its helper's `plt` to None, as it
-    does where matplotlib is missing.
+    Python's import system raises ImportError for a name whose sys.modules entry is None.
+    Workers import TensorFlow with compat.WORKER_HIDDEN_MODULES hidden, which shortens the
+    import (docs/benchmarks.md).
     """
     hidden = [name for name in names if name not in sys.modules]
     for name in hidden:
@@ -93,12 +93,6 @@ def hidden_modules(*names: str) -> Iterator[None]:
         for name in hidden:
             if sys.modules.get(name) is None:
                 del sys.modules[name]
-
-
-# What TensorFlow's C++ logs at import whatever TF_CPP_MIN_LOG_LEVEL says: absl writes it
-# before its logging is configured, so only the file descriptor can hold it back.
-IMPORT_BANNER = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
-                 "port.cc:153] oneDNN custom operations are on")
 
 
 @contextlib.contextmanager
@@ -117,7 +111,7 @@ def without_import_banner() -> Iterator[None]:
     def pass_on():
         with os.fdopen(read_end, "rb") as lines:
             for line in lines:
-                if not any(banner in line.decode(errors="replace") for banner in IMPORT_BANNER):
+                if not any(banner in line.decode(errors="replace") for banner in compat.TENSORFLOW_IMPORT_BANNER):
                     os.write(stderr, line)
 
     passer = threading.Thread(target=pass_on, daemon=True)
@@ -148,7 +142,7 @@ def configure_process(cpus: int, use_gpu: bool) -> None:
     # Ray's own TF backend sets this for tf_keras (ours does not); this project is Keras 3.
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with hidden_modules("matplotlib"), without_import_banner():
+    with hidden_modules(*compat.WORKER_HIDDEN_MODULES), without_import_banner():
         import tensorflow as tf
 
     try:
@@ -205,7 +199,5 @@ def quiet_worker_logs() -> None:
     for name in ("ray.train", "ray.tune", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray Train logs each report, the whole metrics dict, at INFO: two long lines per worker an epoch.
-    from mnist_dist import compat
-
     if (name := compat.report_logger_name()) is not None:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -77,9 +77,9 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
 
     @tf.function
     def train_steps(chunk, steps):
-        """Shares of this worker, not sums over the workers: two scalar all-reduces a step,
-        each a gRPC round trip, cost 2 one-core workers 4-7% of their throughput. The loop
-        sums them only when it prints them.
+        """Shares of this worker, not sums over the workers: two scalar all-reduces a step
+        are two gRPC round trips, a measurable share of a one-core worker's step
+        (docs/benchmarks.md#the-log-every-measured-row). The loop sums them only when it prints them.
         """
         def one_step(index, total, _loss, _error):
             loss, wrong = strategy.run(replica_step, args=(*chunk, index))

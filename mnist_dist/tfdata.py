@@ -105,8 +105,7 @@ def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
     """Fixed parallelism and buffers instead of tf.data's autotuner.
 
     A batch of MNIST needs no tuning, and the autotuner adds a background thread to every
-    iterator on workers that own one core each. (It was the first suspect for the epoch-end
-    stall described in docs/design.md#the-input-pipeline; turning it off alone did not remove it.)
+    iterator on workers that own one core each (docs/design.md#the-input-pipeline).
     """
     options = tf.data.Options()
     options.autotune.enabled = False

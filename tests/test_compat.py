@@ -1,9 +1,10 @@
-"""The framework internals in mnist_dist/compat.py still exist in the installed Keras and Ray.
+"""The framework internals in mnist_dist/compat/ still exist in the installed Keras and Ray.
 
 Each test names the internal it checks, so an upgrade that moves one fails here, loudly,
 rather than as a wrong sum or a silent slowdown in a training run.
 """
 import importlib
+import importlib.util
 import inspect
 from pathlib import Path
 
@@ -61,7 +62,31 @@ def test_ray_train_v2_still_has_its_framework_neutral_trainer():
 
     trainer = compat.data_parallel_trainer()
     assert "backend_config" in inspect.signature(trainer.__init__).parameters
-    assert BackendConfig().framework is None  # mnist_dist.ray_backend leaves it unset
+    assert BackendConfig().framework is None  # mnist_dist.compat.ray_backend leaves it unset
+
+
+def test_ray_trains_backend_developer_api_still_has_what_the_tf_config_backend_calls():
+    from ray.train._internal.base_worker_group import BaseWorkerGroup
+    from ray.train.backend import Backend
+
+    from mnist_dist.compat.ray_backend import TfConfig, _TfConfigBackend
+
+    assert issubclass(_TfConfigBackend, Backend) and TfConfig().backend_cls is _TfConfigBackend
+    assert list(inspect.signature(Backend.on_start).parameters) == ["self", "worker_group", "backend_config"]
+    for method in ("execute", "execute_single_async"):
+        assert callable(getattr(BaseWorkerGroup, method)), f"Ray's worker group has no {method}"
+    assert len(inspect.signature(BaseWorkerGroup.execute_single_async).parameters) >= 3  # (self, rank, fn, ...)
+
+
+def test_keras_still_imports_matplotlib_only_optionally():
+    """Hiding matplotlib from the workers' import relies on Keras catching its ImportError."""
+    import ast
+
+    source = Path(importlib.util.find_spec(compat.KERAS_MATPLOTLIB_MODULE).origin).read_text()
+    guarded = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Try)
+               and any("matplotlib" in ast.unparse(stmt) for stmt in node.body)
+               and any(ast.unparse(handler.type or ast.Name("")) == "ImportError" for handler in node.handlers)]
+    assert guarded, f"{compat.KERAS_MATPLOTLIB_MODULE} no longer imports matplotlib inside try/except ImportError"
 
 
 @pytest.mark.parametrize("name", [*compat.LOCAL_RAY_TRAIN_ENV, *compat.NO_DASHBOARD_ENV, *compat.LOOPBACK_ENV])

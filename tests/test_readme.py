@@ -212,3 +212,23 @@ def test_measured_figures_live_in_benchmarks_only(page):
     text = re.sub(r"\]\([^)]*\)", "]", page.read_text())  # not in link targets
     found = FIGURE.findall(text)
     assert not found, f"{page.relative_to(ROOT)} has measured figures {found[:5]}; move them to docs/benchmarks.md"
+
+
+# In code, comments say why; figures and history go to docs/benchmarks.md and docs/design.md.
+CODE_FIGURE = re.compile(FIGURE.pattern + r"|\b\d+(?:\.\d+)?(?:-\d+)?%|\d+ min\b|\d+(?:\.\d+)? s (?:on|per|a)\b")
+SOURCES = sorted([*(ROOT / "mnist_dist").rglob("*.py"), *(ROOT / "export" / "mnist_edge").rglob("*.py")])
+
+
+def comments_and_docstrings(path):
+    import io
+    import tokenize
+
+    for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if token.type == tokenize.COMMENT or (token.type == tokenize.STRING and token.string.lstrip("rbuf").startswith(('"""', "'''"))):
+            yield token.start[0], token.string
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_code_comments_carry_no_measured_figures(source):
+    found = [(line, hit) for line, text in comments_and_docstrings(source) for hit in CODE_FIGURE.findall(text)]
+    assert not found, f"{source.relative_to(ROOT)} has figures in comments {found[:5]}; move them to docs/benchmarks.md"

@@ -23,40 +23,11 @@ def finished(tmp_path_factory):
     return storage
 
 
-def test_the_pipeline_run_again_finds_its_verified_export_and_exits_0(finished):
-    report = finished / "again" / "export" / "report.json"
-    before = report.read_bytes()
-    proc = pipeline(finished)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "already has 1 epochs: nothing to train" in proc.stdout
-    assert "verified export of checkpoint_epoch001 already in" in proc.stdout
-    assert "exporting" not in proc.stdout and report.read_bytes() == before
-
-
-def test_train_on_a_finished_run_starts_nothing(finished):
-    proc = run_cli("train", *SMOKE[:-2], "--storage", finished, "--name", "again")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "nothing to train" in proc.stdout and "model lenet5" not in proc.stdout  # no model was built
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["best_epoch"] == 1
-
-
 def test_a_finished_run_without_an_export_is_only_exported(finished, tmp_path):
     proc = pipeline(finished, "--export-dir", tmp_path / "elsewhere")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "nothing to train" in proc.stdout and "verified export written to" in proc.stdout
     assert json.loads((tmp_path / "elsewhere" / "report.json").read_text())["checkpoint"] == "checkpoint_epoch001"
-
-
-@pytest.mark.parametrize("change, named", [(("--model", "tf-tutorial"), "model='lenet5'"),
-                                           (("--batch-size", "32"), "batch_size=64"),
-                                           (("--lr", "0.01"), "learning_rate=0.05")])
-def test_a_re_run_that_would_train_something_else_is_refused(finished, change, named):
-    before = (finished / "again" / "config.json").read_bytes()
-    proc = run_cli("train", *SMOKE[:-2], "--epochs", "2", "--storage", finished, "--name", "again", *change)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr and named in line and "Fix: pass a new --name" in line, line
-    assert (finished / "again" / "config.json").read_bytes() == before
 
 
 def test_more_epochs_continue_the_run_and_the_pipeline_exports_the_new_best(tmp_path):

@@ -135,7 +135,7 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
              lambda: _in_subprocess("plain", model, global_batch, precision, steps, per_call)),
             ("project step, 1 process", lambda: _in_subprocess("step", model, global_batch, precision, steps))]
     plan += [(f"ray, {n} worker{'s' * (n > 1)}", lambda n=n: _ray(model, global_batch, precision, steps, n, allreduce)) for n in workers]
-    # Round after round of every setup: a VM's speed drifts over minutes (here by up to 30%),
+    # Round after round of every setup: a VM's speed drifts over minutes (docs/benchmarks.md),
     # so each ratio compares runs of the same round, and the median ratio is reported.
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
     for round_number in range(1, rounds + 1):

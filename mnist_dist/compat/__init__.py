@@ -1,8 +1,10 @@
 """Every framework internal mnist-dist still relies on, in one place, each with why.
 
-Tested with the versions below, which pyproject.toml pins to the minor release.
-tests/test_compat.py checks each name here against the installed Keras and Ray, so an
-upgrade that moves one fails there, by name, instead of deep inside a training run.
+Tested with the versions below, which pyproject.toml pins to the minor release (TensorFlow
+2.21 for the import banner). `compat.ray_backend` is Ray Train's backend developer API, the
+only way to give each worker its TF_CONFIG. tests/test_compat.py checks each name here
+against the installed Keras, Ray and TensorFlow, so an upgrade that moves one fails there,
+by name, instead of deep inside a training run.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class CompatError(MnistDistError, RuntimeError):
 def check_version(package: str, installed: str, tested: str) -> None:
     if installed.split(".")[:2] != tested.split("."):
         raise CompatError(f"mnist-dist was tested with {package} {tested}.x, and {package} {installed} is installed; "
-                          f"it relies on internals that may have moved (mnist_dist/compat.py). "
+                          f"it relies on internals that may have moved (mnist_dist/compat/). "
                           f'Fix: pip install "{package}=={tested}.*", or reinstall mnist-dist.')
 
 
@@ -47,6 +49,20 @@ class PresummedGradients:
         return list(grads_and_vars)
 
 
+# --- TensorFlow ------------------------------------------------------------------------
+
+# What TensorFlow 2.21 prints at import on every worker whatever TF_CPP_MIN_LOG_LEVEL says:
+# absl writes it before its logging is configured, so only the file descriptor can hold it
+# back (process_setup.without_import_banner). Matched by message, never by source line.
+TENSORFLOW_IMPORT_BANNER = ("All log messages before absl::InitializeLog() is called are written to STDERR",
+                            "oneDNN custom operations are on")
+# Keras imports matplotlib.pyplot at import, for an optional image-gallery helper, whenever
+# matplotlib is installed (for `mnist-dist report`); workers never plot, so they import
+# TensorFlow with it hidden (process_setup.hidden_modules), as where it is missing.
+WORKER_HIDDEN_MODULES = ("matplotlib",)
+KERAS_MATPLOTLIB_MODULE = "keras.src.visualization.plot_image_gallery"
+
+
 # --- Ray -----------------------------------------------------------------------------
 
 def ray_checked():
@@ -59,7 +75,7 @@ def ray_checked():
 def data_parallel_trainer():
     """Ray Train V2's framework-neutral trainer. Its only public subclasses are per framework,
     and `ray.train.tensorflow.TensorflowTrainer` imports TensorFlow into the driver and the
-    controller, and sets TF_USE_LEGACY_KERAS=1 (see mnist_dist.ray_backend)."""
+    controller, and sets TF_USE_LEGACY_KERAS=1 (see mnist_dist.compat.ray_backend)."""
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     return DataParallelTrainer

@@ -1,5 +1,9 @@
 """The Ray Train backend: gives each worker the TF_CONFIG that MultiWorkerMirroredStrategy reads.
 
+`Backend`, `BackendConfig` and the worker group's `execute` and `execute_single_async` are
+Ray Train's developer API for backends (ray.train.backend, BaseWorkerGroup), with no public
+equivalent; tests/test_compat.py checks each of them by name.
+
 It does what `ray.train.tensorflow.TensorflowConfig` does, minus two things. Importing
 `ray.train.tensorflow` imports TensorFlow, and the Train controller unpickles the backend
 config, so Ray's own class costs the driver and the controller a TensorFlow import each

@@ -1,0 +1,155 @@
+"""The rules a command applies before it trains or exports, called in this process on runs of
+fake files: no Ray, no TensorFlow, no training. What each rule then does for real is tested
+end to end in the slow modules (test_rerun.py, test_ownership.py, test_cli.py)."""
+import json
+import math
+
+import pytest
+
+from mnist_dist import ownership, pipeline, rundir, training
+from mnist_dist.config import ConfigError, TrainConfig, preset
+from mnist_dist.errors import RunError
+from mnist_dist.export import ExportError, ExportOptions, export
+from mnist_dist.store import Location
+
+SMOKE = dict(synthetic=True, epochs=1)
+
+
+def finished_run(storage, name="again", epochs=1, **config):
+    """A run as `training.run` leaves it: config.json, result.json, best.json and a checkpoint."""
+    config = rundir.settle(preset("smoke", storage=str(storage), name=name, **{**SMOKE, "epochs": epochs, **config}))
+    run = rundir.run_dir(config)
+    (run / "config.json").write_json(config.to_dict())
+    best = {"checkpoint": "checkpoint_epoch001", "epoch": 1, "val_accuracy": 0.9, "global_step": 32}
+    (run / "best.json").write_json(best)
+    (run / "result.json").write_json({"run_dir": str(run), "best_checkpoint": str(run / "checkpoint_epoch001"),
+                                      "best_epoch": 1, "best_val_accuracy": 0.9, "test_accuracy": 0.9,
+                                      "epochs_completed": epochs, "history": [], "config": config.to_dict()})
+    checkpoint = run / "checkpoint_epoch001"
+    (checkpoint / ownership.MARKER).write_json({"made_by": "mnist-dist", "kind": "checkpoint"})
+    return config, run
+
+
+def verified_export(where: Location, checkpoint="checkpoint_epoch001"):
+    (where / ownership.MARKER).write_json({"made_by": "mnist-dist", "kind": "export"})
+    (where / "report.json").write_json({"verified": True, "checkpoint": checkpoint})
+
+
+@pytest.mark.parametrize("change, named", [({"model": "tf-tutorial"}, "model='lenet5'"),
+                                           ({"batch_size": 32}, "batch_size=64"),
+                                           ({"learning_rate": 0.01}, "learning_rate=0.05")])
+def test_a_re_run_that_would_train_something_else_is_refused(tmp_path, change, named):
+    config, run = finished_run(tmp_path)
+    before = (run / "config.json").read_bytes()
+    with pytest.raises(RunError, match=rf"{named}.*Fix: pass a new --name"):
+        rundir.claim(config.replace(epochs=2, **change))
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_a_re_run_may_change_how_long_and_how_not_what(tmp_path):
+    config, run = finished_run(tmp_path)
+    assert rundir.claim(config.replace(epochs=2, steps_per_execution=3, cpus_per_worker=2, max_failures=5)) is None
+    assert (run / "config.json").read_json()["epochs"] == 2  # rewritten: the run now asks for 2
+
+
+def test_train_on_a_finished_run_starts_nothing(tmp_path, capsys):
+    config, _run = finished_run(tmp_path)
+    result = training.run(config)  # on Ray it would start Ray; the claim returns first
+    assert result["best_epoch"] == 1 and "already has 1 epochs: nothing to train" in capsys.readouterr().out
+
+
+def test_the_pipeline_run_again_finds_its_verified_export(tmp_path, capsys):
+    config, run = finished_run(tmp_path)
+    verified_export(run / "export")
+    before = (run / "export" / "report.json").read_bytes()
+    assert pipeline.run(config)["verified"] is True
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "verified export of checkpoint_epoch001 already in" in out
+    assert (run / "export" / "report.json").read_bytes() == before
+
+
+def test_the_pipeline_replaces_an_export_of_an_earlier_best(tmp_path, monkeypatch):
+    config, run = finished_run(tmp_path)
+    verified_export(run / "export", checkpoint="checkpoint_epoch000")
+    asked = {}
+    monkeypatch.setattr(pipeline, "export", lambda **kwargs: asked.update(kwargs) or {"verified": True})
+    pipeline.run(config)
+    assert asked["options"].force is True and asked["out"] == run / "export"
+
+
+def test_a_folder_of_other_files_is_never_trained_into(tmp_path):
+    (tmp_path / "Documents").mkdir()
+    (tmp_path / "Documents" / "thesis.tex").write_text("years of work")
+    with pytest.raises(RunError, match=r"holds files \(thesis.tex\) but no run of mnist-dist"):
+        training.run(preset("smoke", storage=str(tmp_path), name="Documents", **SMOKE))
+    assert [p.name for p in (tmp_path / "Documents").iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"learning_rate": math.inf}, "--lr must be a finite number, got inf"),
+    ({"learning_rate": math.nan}, "--lr must be a finite number, got nan"),
+    ({"l2": -1.0}, "--l2 must be >= 0"),
+    ({"seed": -1}, "--seed must be >= 0"),
+    ({"epochs": 0}, "--epochs must be >= 1"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"steps_per_execution": 0}, "--steps-per-execution must be >= 1, got 0"),
+    ({"train_limit": 0}, "--train-limit 0 is fewer images than one global batch"),
+    ({"train_limit": 1}, "--train-limit 1 is fewer images than one global batch"),
+    ({"name": "../../x"}, "--name '../../x' must be one folder name inside --storage"),
+])
+def test_values_that_cannot_work_are_refused_up_front(values, named, tmp_path):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        training.run(preset("smoke", storage=str(tmp_path / "runs"), **{**SMOKE, **values}))
+    assert not any(tmp_path.iterdir())  # nothing was written, nothing outside --storage either
+
+
+@pytest.mark.parametrize("options, named", [
+    (ExportOptions(tolerance=math.inf), "--tolerance must be a finite number >= 0, got inf"),
+    (ExportOptions(tolerance=-1), "--tolerance must be a finite number >= 0"),
+    (ExportOptions(max_int8_drop_pp=math.nan), "--max-int8-drop must be a finite number"),
+    (ExportOptions(calibration_images=-1), "--calibration-images must be >= 1, got -1"),
+    (ExportOptions(opset=21), "opset 21 is not supported"),
+])
+def test_export_options_are_checked_before_anything_loads(options, named, tmp_path):
+    with pytest.raises(ExportError, match=named):
+        export(run=tmp_path / "no-such-run", options=options)
+    with pytest.raises(ExportError, match=named):  # the pipeline: before minutes of training
+        pipeline.run(preset("smoke", storage=str(tmp_path), **SMOKE), options)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_verified_export_is_replaced_only_with_force(tmp_path):
+    _config, run = finished_run(tmp_path)
+    out = Location.of(tmp_path / "out")
+    verified_export(out)
+    with pytest.raises(ExportError, match="holds a previous verified export. Fix: pass --force"):
+        export(run=run, out=out)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["verified"] is True
+
+
+def test_a_rejected_export_in_a_bucket_names_where_its_files_went(tmp_path, monkeypatch, s3):
+    """With the endpoint in the URI's query, `.rejected` goes before the query, in the line printed too."""
+    from conftest import BUCKET, bucket_keys
+    from mnist_dist import export as export_mod
+
+    config, run = finished_run(tmp_path)
+    state = {"config": config.to_dict(), "epoch": 1, "val_accuracy": 0.9, "model_sha256": ""}
+    monkeypatch.setattr(export_mod, "load_model", lambda local: (None, state))
+    monkeypatch.setattr("mnist_dist.data.load_for", lambda config: None)
+
+    def rejected(work, *args):  # what _build leaves when a rule fails, without converting anything
+        ownership.mark(work, "export")
+        (work / "report.json").write_text('{"verified": false}')
+        return {"verified": False, "rules": [{"rule": "fp32_argmax_agreement", "passed": False, "detail": "1 image"}]}
+
+    monkeypatch.setattr(export_mod, "_build", rejected)
+    query = f"?endpoint_override={s3[0].removeprefix('http://')}&scheme=http"
+    lines = []
+    export(run=run, out=f"s3://{BUCKET}/rejects/export{query}", log=lines.append)
+    assert lines[-1].endswith(f"the rejected files are in s3://{BUCKET}/rejects/export.rejected{query}"), lines[-1]
+    assert bucket_keys("rejects/") == ["rejects/export.rejected/.mnist-dist.json", "rejects/export.rejected/report.json"]
+
+
+def test_a_saved_config_round_trips():
+    config = TrainConfig(model="edge", epochs=3, augment=True, rotate=8.0)
+    assert TrainConfig.from_saved(json.loads(json.dumps(config.to_dict()))) == config

@@ -21,7 +21,7 @@ from mnist_dist import machine, onnx_graph, ownership
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
 from mnist_dist.errors import MnistDistError, RunError
-from mnist_dist.store import Location
+from mnist_dist.store import Location, Where
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 # What the int8 model asks of ONNX Runtime (see quantize_int8).
@@ -200,9 +200,8 @@ def ort_logits(path: Path, images: np.ndarray, batch: int = 1000, log=print) -> 
                            for x in track(batches, len(images), f"  ONNX Runtime {path.name}", " images", log=log)])
 
 
-def export(run: str | os.PathLike | Location | None = None, checkpoint: str | os.PathLike | Location | None = None,
-           out: str | os.PathLike | Location | None = None, options: ExportOptions = ExportOptions(),
-           log=print) -> dict[str, Any]:
+def export(run: Where | None = None, checkpoint: Where | None = None, out: Where | None = None,
+           options: ExportOptions = ExportOptions(), log=print) -> dict[str, Any]:
     """Export a run's best checkpoint (or `checkpoint`) to `out` (default RUN/export), holding
     the run's lock throughout; returns the report (its "verified" says whether it was published)."""
     from mnist_dist import rundir

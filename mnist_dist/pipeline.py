@@ -6,16 +6,15 @@ checkpoint; a new export when the run has trained on since.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from mnist_dist import rundir, training
 from mnist_dist.config import TrainConfig
 from mnist_dist.export import ExportOptions, export, published
-from mnist_dist.store import Location, basename
+from mnist_dist.store import Location, Where, basename
 
 
-def run(config: TrainConfig, options: ExportOptions = ExportOptions(), export_dir: str | os.PathLike | None = None,
+def run(config: TrainConfig, options: ExportOptions = ExportOptions(), export_dir: Where | None = None,
         in_process: bool = False, log=print) -> dict[str, Any]:
     """Returns the export's report (its "verified" says whether it was published)."""
     options.validate()  # before minutes of training

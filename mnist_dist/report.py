@@ -12,7 +12,6 @@ Writes RUN_DIR/report/:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ import numpy as np
 from mnist_dist import baselines, summaries
 from mnist_dist.errors import RunError
 from mnist_dist.results import RESULT_FILE, best_checkpoint, require_run_dir
-from mnist_dist.store import Location
+from mnist_dist.store import Location, Where
 
 REPORT_DIR = "report"
 GRID = (6, 10)  # rows x columns of the prediction grid
@@ -191,8 +190,7 @@ def markdown(result: dict[str, Any], run_dir: Location, test_accuracy: float, ma
     return "\n".join(lines)
 
 
-def write_report(run: str | os.PathLike | Location, out: str | os.PathLike | Location | None = None,
-                 log: Callable[[str], None] = print) -> Location:
+def write_report(run: Where, out: Where | None = None, log: Callable[[str], None] = print) -> Location:
     """Write the report into `out` (default RUN/report), replacing only an earlier report there."""
     from mnist_dist import ownership
 

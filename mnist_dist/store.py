@@ -51,7 +51,7 @@ class Location:
     uri: str
 
     @classmethod
-    def of(cls, where: str | os.PathLike | Location) -> Location:
+    def of(cls, where: Where) -> Location:
         """From the user's string: relative paths against this directory, `~` expanded, file:// dropped."""
         if isinstance(where, Location):
             return where
@@ -334,6 +334,10 @@ class Location:
         raise RunError(f"--storage {self.uri} is on this node's own {kind} filesystem, but the cluster's nodes are on "
                        f"{len(node_hosts)} hosts ({hosts}): workers elsewhere cannot write their checkpoints there. "
                        "Fix: an NFS path mounted on every node, or a URI (--storage s3://BUCKET/runs, gs://...).")
+
+
+# What a user or a caller may name a location by: a path, a URI, or a Location already made.
+Where = str | os.PathLike | Location
 
 
 class Mirror:

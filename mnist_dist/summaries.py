@@ -63,7 +63,7 @@ class Summaries:
             self._mirror.close()
 
 
-def read_scalars(directory: str | Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...]} from a run's event files, with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import tensorflow as tf

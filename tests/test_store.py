@@ -219,3 +219,43 @@ def test_no_module_but_the_store_asks_whether_a_location_is_a_uri():
 def test_bucket_keys_helper_sees_what_the_store_writes(s3):
     (Location.of(f"s3://{BUCKET}/keys") / "a" / "b.json").write_json({})
     assert bucket_keys("keys/") == ["keys/a/b.json"]
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """Imports inside functions count too: a circle is a circle whenever it closes."""
+    import ast
+
+    from conftest import ROOT
+
+    def module(path):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    sources = {module(p): p for p in (ROOT / "mnist_dist").rglob("*.py")}
+    graph = {name: set() for name in sources}
+    for name, path in sources.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            graph[name] |= {t for t in targets if t in sources and t != name}
+
+    def reaches(start, goal, seen=()):
+        return any(step == goal or (step not in seen and reaches(step, goal, (*seen, step))) for step in graph[start])
+
+    circles = sorted((a, b) for a in graph for b in graph[a] if reaches(b, a) and a < b)
+    packages = {(a, b) for a, b in circles if b.startswith(a + ".") or a.startswith(b + ".")}  # a package and its own parts
+    assert set(circles) - packages == set()
+
+
+def test_a_baselines_file_in_a_bucket_is_checked_like_a_local_one(s3):
+    from mnist_dist import baselines
+    from mnist_dist.config import TrainConfig
+
+    mine = Location.of(f"s3://{BUCKET}/figures/baselines.json")
+    mine.write_json({"my": "numbers"})
+    with pytest.raises(ownership.OwnershipError, match="`mnist-dist baseline` did not write"):
+        baselines.run(TrainConfig(synthetic=True, epochs=1), epochs=1, out=mine, log=lambda _: None)
+    assert mine.read_json() == {"my": "numbers"}

@@ -21,7 +21,7 @@ from mnist_dist import machine, onnx_graph, ownership
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
 from mnist_dist.errors import MnistDistError, RunError
-from mnist_dist.store import Location, Where
+from mnist_dist.store import Location, StorageError, Where
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 # What the int8 model asks of ONNX Runtime (see quantize_int8).
@@ -228,19 +228,25 @@ def _export(run: Location | None, checkpoint: Location | None, out: Location | N
         with ckpt_dir.local_copy() as local:
             model, state = load_model(local)
     except FileNotFoundError:
-        raise ExportError(f"{ckpt_dir}: no such checkpoint. Fix: pass --run RUN, or the --checkpoint of a run.") from None
+        raise ExportError(f"{ckpt_dir}: checkpoint directory does not exist. Fix: pass a checkpoint_* folder of a run, "
+                          "or --run RUN_DIR.") from None
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     config = TrainConfig.from_saved(state["config"])
     data = load_for(config)
     log(f"exporting {config.model} from {ckpt_dir} (epoch {state['epoch']}, validation accuracy {100 * state['val_accuracy']:.2f}%)")
 
+    staged = False
     try:
         with out_dir.staging() as work:
+            staged = True
             report = _build(work, model, state, config, data, ckpt_dir, run_dir, options, log)
             publish(work, out_dir, report["verified"], protected)
-    except (OSError, RunError) as exc:  # a full disk or a folder made read-only meanwhile: nothing was published
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    except (OSError, StorageError) as exc:  # a full disk or a folder made read-only meanwhile: nothing was published
+        why = exc.reason if isinstance(exc, StorageError) else exc.strerror or exc
+        if not staged:
+            raise ExportError(f"{out_dir}: cannot write the export there ({why}). "
+                              "Fix: choose a writable --out, or free space there.") from None
         raise ExportError(f"{out_dir}: writing the export failed ({why}); nothing was published. "
                           "Fix: free space there, or choose another --out.") from None
     if report["verified"]:

@@ -30,6 +30,14 @@ from typing import Any
 
 from mnist_dist.errors import RunError
 
+class StorageError(RunError):
+    """Storage that failed under a read or a write; `reason` is the bare cause (Permission denied)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 BUCKET_FIX = ("Fix: check the bucket name, the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's "
               "role) and the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=HOST:PORT in the URI).")
 FOLDER_FIX = "Fix: point --storage at a writable folder (or a URI) and --name at a new or earlier run."
@@ -103,9 +111,9 @@ class Location:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            if self._local:
-                raise RunError(f"{self.uri}: {doing} failed ({exc.strerror or _first_line(exc)}). {FOLDER_FIX}") from None
-            raise RunError(f"{self.uri}: {doing} failed ({_first_line(exc)}). {BUCKET_FIX}") from None
+            reason = (exc.strerror if self._local else None) or _first_line(exc)
+            raise StorageError(f"{self.uri}: {doing} failed ({reason}). {FOLDER_FIX if self._local else BUCKET_FIX}",
+                               reason) from None
 
     def _info(self):
         fs, path = self._fs

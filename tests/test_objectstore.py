@@ -117,13 +117,14 @@ def test_a_cut_off_upload_is_never_taken_for_a_finished_export(bucket_run, tmp_p
     import boto3
 
     from mnist_dist.export import published
+    from mnist_dist.store import Location
 
     client, run = boto3.client("s3"), bucket_run["run"]
     for key in keys("runs/first/export/"):
         client.copy_object(Bucket=BUCKET, Key=key.replace("/export/", "/half/"), CopySource={"Bucket": BUCKET, "Key": key})
     client.delete_object(Bucket=BUCKET, Key="runs/first/half/report.json")
-    assert published(f"{run}/half") is None
-    assert published(f"{run}/export")["verified"] is True
+    assert published(Location.of(f"{run}/half")) is None
+    assert published(Location.of(f"{run}/export"))["verified"] is True
     proc = run_cli("export", "--run", run, "--out", f"{run}/half", env=bucket_run["env"], cwd=bucket_run["cwd"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert read("runs/first/half/report.json")["verified"] is True

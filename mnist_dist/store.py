@@ -1,9 +1,12 @@
 """The run store: every place mnist-dist reads or writes, on a local disk or in a bucket, as one value.
 
-A `Location` is a pyarrow.fs filesystem and a path on it, made once from the user's string
-(`runs`, `/mnt/nfs/runs`, `s3://bucket/runs?endpoint_override=host:9000`), as Ray Train's
-own StorageContext keeps one. Reads, writes, listings, copies and existence checks all go
-through it. Only three things differ by kind, each behind one method:
+A `Location` is made once from the user's string (`runs`, `/mnt/nfs/runs`,
+`s3://bucket/runs?endpoint_override=host:9000`), as Ray Train keeps one storage context for
+`/tmp/ray_results` and `s3://...` alike. Reads, writes, listings, copies and existence
+checks all go through it and mean the same on either kind (tests/test_store.py runs each on
+both): a URI through pyarrow.fs, the local disk through the os module, which the edge
+install (no pyarrow) can use to predict from local files. Three things truly differ by
+kind, each behind one method:
 
 - `lock`: an OS lock on a local disk; an owner object with a heartbeat in a bucket;
 - `publish`: a folder swapped in by rename locally; in a bucket, file by file with its
@@ -92,11 +95,9 @@ class Location:
     # ------------------------------------------------------------ pyarrow
     @functools.cached_property
     def _fs(self):
-        """(pyarrow FileSystem, path on it); one line for a scheme pyarrow does not know."""
+        """(pyarrow FileSystem, path on it) of a URI; one line for a scheme pyarrow does not know."""
         import pyarrow.fs
 
-        if self._local:
-            return pyarrow.fs.LocalFileSystem(), self.uri
         try:
             return pyarrow.fs.FileSystem.from_uri(self.uri)
         except (ValueError, OSError) as exc:  # ArrowInvalid is a ValueError
@@ -115,21 +116,25 @@ class Location:
             raise StorageError(f"{self.uri}: {doing} failed ({reason}). {FOLDER_FIX if self._local else BUCKET_FIX}",
                                reason) from None
 
-    def _info(self):
+    def _kind(self) -> str:
+        """"file", "dir" or "missing" (links followed)."""
+        if self._local:
+            return "file" if os.path.isfile(self.uri) else "dir" if os.path.isdir(self.uri) else "missing"
+        import pyarrow.fs
+
         fs, path = self._fs
         with self._errors("reading"):
-            return fs.get_file_info(path)
+            kind = fs.get_file_info(path).type
+        if kind == pyarrow.fs.FileType.File:
+            return "file"
+        return "dir" if kind == pyarrow.fs.FileType.Directory or self.entries() else "missing"
 
     # ------------------------------------------------------------ questions
     def exists(self) -> bool:
-        import pyarrow.fs
-
-        return self._info().type != pyarrow.fs.FileType.NotFound or (not self._local and bool(self.entries()))
+        return self._kind() != "missing"
 
     def is_file(self) -> bool:
-        import pyarrow.fs
-
-        return self._info().type == pyarrow.fs.FileType.File
+        return self._kind() == "file"
 
     def is_dir(self) -> bool:
         """A folder, or a bucket prefix that holds objects."""
@@ -146,13 +151,13 @@ class Location:
 
     def entries(self) -> list[tuple[str, bool]]:
         """(name, is a plain file) of what is directly inside; [] for nothing there. A link is no plain file."""
-        import pyarrow.fs
-
         if self._local:
             with self._errors("listing"):
                 if not Path(self.uri).is_dir():
                     return []
                 return [(e.name, e.is_file(follow_symlinks=False)) for e in os.scandir(self.uri)]
+        import pyarrow.fs
+
         fs, path = self._fs
         with self._errors("listing"):
             infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
@@ -161,10 +166,13 @@ class Location:
     # ------------------------------------------------------------ reading and writing
     def read_bytes(self) -> bytes | None:
         """The file's bytes, or None when there is no such file."""
-        fs, path = self._fs
         try:
-            with self._errors("reading"), fs.open_input_stream(path) as f:
-                return f.read()
+            with self._errors("reading"):
+                if self._local:
+                    return Path(self.uri).read_bytes()
+                fs, path = self._fs
+                with fs.open_input_stream(path) as f:
+                    return f.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
@@ -198,9 +206,12 @@ class Location:
 
     def delete(self) -> None:
         """Remove one file; nothing there is fine."""
-        fs, path = self._fs
         with contextlib.suppress(FileNotFoundError), self._errors("deleting"):
-            fs.delete_file(path)
+            if self._local:
+                Path(self.uri).unlink()
+            else:
+                fs, path = self._fs
+                fs.delete_file(path)
 
     def make_dirs(self) -> None:
         """The folder and its parents (a bucket needs none)."""
@@ -212,13 +223,13 @@ class Location:
     def local_copy(self) -> Iterator[Path]:
         """A local path holding this location's files: the path itself, or a temporary download.
         FileNotFoundError when nothing is there."""
-        import pyarrow.fs
-
         if self._local:
             if not Path(self.uri).exists():
                 raise FileNotFoundError(self.uri)
             yield Path(self.uri)
             return
+        import pyarrow.fs
+
         if not self.exists():
             raise FileNotFoundError(self.uri)
         fs, path = self._fs
@@ -314,11 +325,12 @@ class Location:
     # ------------------------------------------------------------ reachability
     def check_reachable(self) -> None:
         """Fail in seconds, before Ray starts, on storage that is a file, or a bucket that is missing or unreadable."""
+        if self.is_file():
+            raise RunError(f"{self.uri}: is a file, not a folder. Fix: point --storage at a folder (or a prefix, s3://BUCKET/runs).")
+        if self._local:
+            return
         import pyarrow.fs
 
-        info = self._info()
-        if info.type == pyarrow.fs.FileType.File:
-            raise RunError(f"{self.uri}: is a file, not a folder. Fix: point --storage at a folder (or a prefix, s3://BUCKET/runs).")
         fs, path = self._fs
         bucket = path.split("/", 1)[0]
         if fs.type_name in ("s3", "gcs"):

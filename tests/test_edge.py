@@ -54,9 +54,12 @@ def test_npy_idx_and_png_inputs(exported, tmp_path, test_images, mnist_dir):
     assert np.mean(np.array(got) == labels[:20]) >= 0.9
     assert [p["label"] for p in predictions[20:]] == [labels[0], labels[0], labels[1]]
     assert all(0 <= p["probability"] <= 1 and len(p["probabilities"]) == 10 for p in predictions)
-    # An IDX file straight from the MNIST distribution, through the full package CLI too.
+    # An IDX file straight from the MNIST distribution, through the full package CLI too, as on
+    # an edge install (`mnist-dist[edge]`): no TensorFlow, Ray or pyarrow.
     from conftest import run_cli
-    proc = run_cli("predict", "--model", exported["dir"] / "model.int8.onnx", mnist_dir / "t10k-images-idx3-ubyte.gz")
+    proc = run_cli("predict", "--model", exported["dir"] / "model.int8.onnx", mnist_dir / "t10k-images-idx3-ubyte.gz",
+                   env={"PYTHONPATH": str(Path(__file__).parent / "helpers" / "no_tensorflow"),
+                        "MNIST_DIST_TEST_BLOCK": "pyarrow,ray"})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 10000 and lines[0].startswith(f"{mnist_dir / 't10k-images-idx3-ubyte.gz'}[0]: 7 (p=")

@@ -1,12 +1,15 @@
-"""On PYTHONPATH, makes TensorFlow unimportable: a command that must finish before it loads
-TensorFlow fails loudly if it does not."""
+"""On PYTHONPATH, makes TensorFlow (and any top-level package named in MNIST_DIST_TEST_BLOCK,
+comma-separated) unimportable: a command that must finish without them fails loudly if not."""
 import importlib.abc
+import os
 import sys
+
+BLOCKED = {"tensorflow", "keras", "tf2onnx", *filter(None, os.environ.get("MNIST_DIST_TEST_BLOCK", "").split(","))}
 
 
 class _NoTensorFlow(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx"):
+        if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name}: imported before the command checked its input")
         return None
 

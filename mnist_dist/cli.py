@@ -117,15 +117,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """The edge runtime's predict, of an export anywhere the run store reaches: a bucket's is
     read from a local copy, so the edge runtime itself stays pyarrow-free."""
+    import contextlib
+    from pathlib import Path
+
     from mnist_edge.cli import run
 
-    from mnist_dist.errors import RunError
     from mnist_dist.store import Location
 
     model = Location.of(args.model)
-    if not model.exists():
-        raise RunError(f"{args.model}: nothing there. Fix: pass --model RUN/export of a run that was exported.")
-    with model.local_copy() as local:
+    with contextlib.ExitStack() as stack:
+        try:
+            local = stack.enter_context(model.local_copy())
+        except FileNotFoundError:
+            local = None
+        if local is None or local == Path(model.uri):  # on this disk, or nowhere: the edge runtime names it as given
+            return run(args)
         return run(argparse.Namespace(**{**vars(args), "model": str(local)}))
 
 

@@ -19,9 +19,10 @@ def run(config: TrainConfig, options: ExportOptions = ExportOptions(), export_di
     """Returns the export's report (its "verified" says whether it was published)."""
     options.validate()  # before minutes of training
     config = rundir.settle(config)
-    with rundir.locked(rundir.run_dir(config), "pipeline"):  # one writer from training to the export
+    run = rundir.run_dir(config)
+    with rundir.locked(run, "pipeline"):  # one writer from training to the export
         result = training.run(config, in_process=in_process, log=log)
-        out = Location.of(export_dir) if export_dir is not None else Location.of(result["run_dir"]) / "export"
+        out = Location.of(export_dir) if export_dir is not None else run / "export"
         previous = published(out)
         best = basename(result["best_checkpoint"])
         if previous is not None and basename(previous["checkpoint"]) == best:
@@ -29,4 +30,4 @@ def run(config: TrainConfig, options: ExportOptions = ExportOptions(), export_di
             return previous
         # An export of an earlier best checkpoint (the run has trained on since) is replaced.
         options = ExportOptions(**{**options.__dict__, "force": options.force or previous is not None})
-        return export(run=result["run_dir"], out=out, options=options, log=log)
+        return export(run=run, out=out, options=options, log=log)

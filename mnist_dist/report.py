@@ -214,14 +214,18 @@ def _write_report(run_dir: Location, result: dict[str, Any], out_dir: Path, log:
     from mnist_dist.export import read_report
     from mnist_dist.data import load_for
 
+    checkpoint, _best = best_checkpoint(run_dir)
+    try:
+        with checkpoint.local_copy() as local:
+            model, _state = load_model(local)
+    except FileNotFoundError:
+        raise RunError(f"{checkpoint}: the run's best checkpoint (best.json) is not there. Fix: copy the whole run "
+                       "directory, or re-run the same `mnist-dist train` command.") from None
+
     scalars = step_scalars(run_dir)
     if not scalars:
         log(f"no TensorBoard events in {run_dir / summaries.SUBDIR}: the step curves stay empty")
     plot_curves(result, scalars, out_dir / "curves.png")
-
-    checkpoint, _best = best_checkpoint(run_dir)
-    with checkpoint.local_copy() as local:
-        model, _state = load_model(local)
     data = load_for(TrainConfig.from_saved(result["config"]))
     log(f"predicting {len(data.test_y)} test images with {checkpoint.name} ...")
     predicted = predict_logits(model, data.test_x).argmax(1)

@@ -87,7 +87,7 @@ def already_finished(result: dict[str, Any], log=print) -> dict[str, Any]:
 def locked(run: Location, command: str, create: bool = True) -> Iterator[None]:
     """One writer per run (`Location.lock`), for as long as the command runs. With
     create=False a missing run is left alone: that is for the command itself to report."""
-    if not create and not run.exists():
+    if not create and not run.is_dir():
         yield
         return
     check_is_run_or_new(run)  # before the lock file is written into it

@@ -42,10 +42,11 @@ class DirectorySession:
         names = sorted((name for name, is_file in self.run.entries()
                         if not is_file and fnmatch.fnmatch(name, "checkpoint_epoch*")), reverse=True)
         for name in names:
-            with (self.run / name).local_copy() as local:
+            with contextlib.ExitStack() as stack:
                 try:
+                    local = stack.enter_context((self.run / name).local_copy())
                     ckpt.load_state(local)
-                except ckpt.CheckpointError:
+                except (ckpt.CheckpointError, OSError):  # cut off mid-write, or a link to nothing
                     continue
                 yield local
                 return

@@ -43,7 +43,7 @@ class StorageError(RunError):
 
 BUCKET_FIX = ("Fix: check the bucket name, the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's "
               "role) and the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=HOST:PORT in the URI).")
-FOLDER_FIX = "Fix: point --storage at a writable folder (or a URI) and --name at a new or earlier run."
+FOLDER_FIX = "Fix: make it writable or free space there, or name another place (--storage, --out)."
 
 
 def is_uri(text: str | os.PathLike) -> bool:
@@ -68,25 +68,33 @@ class Location:
             return where
         text = str(where).removeprefix("file://")
         if is_uri(text):
-            return cls(text)
+            base, sep, query = text.partition("?")
+            return cls(base.rstrip("/") + sep + query)  # s3://b/runs/ is s3://b/runs
         return cls(os.path.abspath(os.path.expanduser(text)))  # links kept: `is_symlink` must still see them
 
     def __str__(self) -> str:
         return self.uri
 
-    def __truediv__(self, name: str) -> Location:
+    def _split(self) -> tuple[str, str]:
+        """(path, "?query"); only a URI has a query, a local name may hold a `?`."""
+        if self._local:
+            return self.uri, ""
         base, sep, query = self.uri.partition("?")
-        return Location("/".join([base.rstrip("/"), name.strip("/")]) + sep + query)
+        return base, sep + query
+
+    def __truediv__(self, name: str) -> Location:
+        base, query = self._split()
+        return Location("/".join([base.rstrip("/"), name.strip("/")]) + query)
 
     @property
     def name(self) -> str:
-        return basename(self.uri)
+        return self._split()[0].rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def parent(self) -> Location:
-        base, sep, query = self.uri.partition("?")
+        base, query = self._split()
         head = base.rstrip("/").rsplit("/", 1)[0]
-        return Location((head or "/") + sep + query)
+        return Location((head or "/") + query)
 
     @property
     def _local(self) -> bool:
@@ -109,8 +117,8 @@ class Location:
         """An OS or storage error as one line naming the location and the fix; a missing file passes."""
         try:
             yield
-        except FileNotFoundError:
-            raise
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise  # for the caller: nothing there, or not what it looked for
         except OSError as exc:
             reason = (exc.strerror if self._local else None) or _first_line(exc)
             raise StorageError(f"{self.uri}: {doing} failed ({reason}). {FOLDER_FIX if self._local else BUCKET_FIX}",
@@ -145,7 +153,7 @@ class Location:
 
     def contains(self, other: Location) -> bool:
         """Whether `other` is this location or lies below it."""
-        mine, theirs = (x.uri.partition("?")[0].rstrip("/") if not x._local else os.path.realpath(x.uri)
+        mine, theirs = (x._split()[0].rstrip("/") if not x._local else os.path.realpath(x.uri)
                         for x in (self, other))
         return theirs == mine or theirs.startswith(mine.rstrip("/") + "/")
 
@@ -315,12 +323,17 @@ class Location:
         dies, so a killed command's lock is simply taken by the next one. A bucket has no
         lock to take: there it is an owner object with a heartbeat (`_bucket_lock`).
         """
-        if self.uri in _held:
+        if self._key in _held:
             yield
             return
         lock = _bucket_lock if not self._local else _os_lock
         with lock(self, command):
             yield
+
+    @property
+    def _key(self) -> str:
+        """The same for every spelling of one folder (a link, a relative path)."""
+        return os.path.realpath(self.uri) if self._local else self._split()[0].rstrip("/")
 
     # ------------------------------------------------------------ reachability
     def check_reachable(self) -> None:
@@ -418,11 +431,11 @@ def _os_lock(location: Location, command: str) -> Iterator[None]:
     handle.truncate()
     handle.write(_holder(command) + "\n")  # names the holder for the one-line refusal a second writer gets
     handle.flush()
-    _held[location.uri] = handle
+    _held[location._key] = handle
     try:
         yield
     finally:
-        del _held[location.uri]
+        del _held[location._key]
         handle.close()  # releases the lock; the file stays, naming the last holder
 
 
@@ -470,11 +483,11 @@ def _bucket_lock(location: Location, command: str) -> Iterator[None]:
 
     thread = threading.Thread(target=renew, name="mnist-dist-run-lock", daemon=True)
     thread.start()
-    _held[location.uri] = token
+    _held[location._key] = token
     try:
         yield
     finally:
-        del _held[location.uri]
+        del _held[location._key]
         stop.set()
         thread.join()
         if (_read_lock(lock) or {}).get("token") == token:

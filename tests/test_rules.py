@@ -71,10 +71,31 @@ def test_the_pipeline_run_again_finds_its_verified_export(tmp_path, capsys):
 def test_the_pipeline_replaces_an_export_of_an_earlier_best(tmp_path, monkeypatch):
     config, run = finished_run(tmp_path)
     verified_export(run / "export", checkpoint="checkpoint_epoch000")
+    (tmp_path / "link").symlink_to(tmp_path)  # result.json names the run by another spelling of its folder
+    (run / "result.json").write_json({**(run / "result.json").read_json(), "run_dir": str(tmp_path / "link" / "again")})
     asked = {}
     monkeypatch.setattr(pipeline, "export", lambda **kwargs: asked.update(kwargs) or {"verified": True})
     pipeline.run(config)
-    assert asked["options"].force is True and asked["out"] == run / "export"
+    assert asked["options"].force is True and asked["out"] == run / "export" and asked["run"] == run
+
+
+def test_one_process_holds_one_folders_lock_under_any_spelling(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path)
+    with Location.of(tmp_path / "run").lock("pipeline"), Location.of(tmp_path / "link" / "run").lock("export"):
+        pass  # the pipeline's export, of a run it names another way, takes its own lock again
+
+
+def test_export_or_report_of_what_is_no_run_is_one_line(tmp_path):
+    from mnist_dist.report import write_report
+
+    (tmp_path / "result.json").write_text("{}")
+    with pytest.raises(ExportError, match="run directory does not exist"):
+        export(run=tmp_path / "result.json")
+    _config, run = finished_run(tmp_path)
+    with pytest.raises(RunError, match=r"checkpoint_epoch001: the run's best checkpoint \(best.json\) is not there"):
+        (run / "checkpoint_epoch001" / ownership.MARKER).delete()
+        (tmp_path / "again" / "checkpoint_epoch001").rmdir()
+        write_report(run, log=lambda _: None)
 
 
 def test_a_folder_of_other_files_is_never_trained_into(tmp_path):

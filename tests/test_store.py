@@ -33,6 +33,9 @@ def test_a_location_is_made_once_from_the_users_string(tmp_path, monkeypatch):
     assert (uri / "r1").name == "r1" and (uri / "r1").parent == uri
     assert uri.contains(uri / "r1" / "export") and not (uri / "r1").contains(uri / "r10")
     assert Location.of(uri) is uri
+    assert Location.of("s3://b/runs/") == Location.of("s3://b/runs")  # one folder, one value
+    local = Location.of(tmp_path / "v1?")  # a local name may hold a `?`: it is no query
+    assert str(local / "report.json") == f"{tmp_path}/v1?/report.json" and (local / "x").name == "x"
     assert store.basename("runs/r1/checkpoint_epoch002/") == "checkpoint_epoch002"
 
 
@@ -54,6 +57,7 @@ def test_reads_writes_and_listings_mean_the_same_everywhere(root):
     assert config.read_bytes() is None
     with pytest.raises(FileNotFoundError), (root / "nothing").local_copy():
         pass
+    assert (config.parent / "checkpoint_epoch001" / "state.json" / "below").read_bytes() is None  # below a file
 
 
 def test_publish_swaps_a_folder_in_whole_and_a_bucket_commits_last(root, monkeypatch):
@@ -102,7 +106,7 @@ def test_a_local_write_is_whole_or_not_at_all(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", disk_full)  # the disk fills up while the new content is written
-    with pytest.raises(RunError, match=r"result.json: writing failed \(No space left on device\)\. Fix: point --storage"):
+    with pytest.raises(RunError, match=r"result.json: writing failed \(No space left on device\)\. Fix: make it writable"):
         target.write_json({"epochs": 2})
     monkeypatch.undo()
     assert target.read_json() == {"epochs": 1} and [p.name for p in tmp_path.iterdir()] == ["result.json"]

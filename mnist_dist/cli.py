@@ -178,7 +178,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             workers=tuple(args.workers), json_path=args.json, allreduce=args.allreduce, rounds=args.rounds)
     elif args.kind == "infer":
         from mnist_dist.bench.infer import run
-        run(exports=args.export, runs=args.run, iterations=args.iterations, json_path=args.json, profile=args.profile)
+        run(exports=args.export, runs=args.run, iterations=args.iterations, seconds=args.seconds, json_path=args.json,
+            profile=args.profile)
     elif args.kind == "startup":
         from mnist_dist.bench.startup import run
         from mnist_dist.config import TrainConfig
@@ -210,6 +211,7 @@ def add_bench_parsers(sub) -> None:
     k.add_argument("--export", action="append", help="a verified export directory; repeat to compare several")
     k.add_argument("--run", action="append", help="a run directory with a verified RUN/export; repeat to compare several")
     k.add_argument("--iterations", type=int, default=2000, help="batch-1 runs per latency figure")
+    k.add_argument("--seconds", type=float, default=2.0, help="how long each batch-256 throughput figure is measured")
     k.add_argument("--profile", action="store_true", help="also print ONNX Runtime's per-node times and the weight-read floor")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)

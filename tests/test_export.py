@@ -93,13 +93,6 @@ def test_a_corrupted_weight_is_refused_and_nothing_is_published(small_run, monke
     assert rejected["verified"] is False
 
 
-def test_cli_exit_code_on_failed_verification(small_run, tmp_path):
-    # An impossible tolerance makes the fp32 rule fail through the real command line.
-    proc = run_cli("export", "--run", small_run, "--out", tmp_path / "x", "--tolerance", "0")
-    assert proc.returncode == 1
-    assert "FAILED rule fp32_logit_tolerance" in proc.stdout and not (tmp_path / "x").exists()
-
-
 @pytest.mark.parametrize("case", ["no checkpoints", "missing checkpoint", "corrupt checkpoint", "opset", "verified exists"])
 def test_bad_input_gets_a_clear_error(case, small_run, tmp_path):
     args = ["export", "--run", small_run, "--out", tmp_path / "out"]
@@ -130,6 +123,7 @@ def test_bad_input_gets_a_clear_error(case, small_run, tmp_path):
 
 def test_force_replaces_a_verified_export(small_run, tmp_path):
     out = tmp_path / "out"
+    out.mkdir()  # an empty folder is taken: nothing in it to lose
     # This test is about --force, not int8 quality: the 1-epoch, 94% LeNet-5 sits close to its
     # decision boundaries, and how many of them int8 rounding flips depends on the CPU's int8
     # kernels (0.03 pp on one machine, over 0.1 pp on another). The real run's export keeps the

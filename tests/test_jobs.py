@@ -43,8 +43,9 @@ def stop_cluster(temp_dir: str, env) -> None:
         time.sleep(2)
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster():
+    """A `ray start --head` cluster, shared by the module's tests (starting one takes seconds)."""
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray puts Unix sockets in it
     # As a user would: with the project's environment active, so `python` in the job is that one.

@@ -22,7 +22,7 @@ from mnist_dist.bench import header, save, table
 from mnist_dist.machine import usable_cores
 
 
-def _tensorflow(checkpoint: str, threads: int, iterations: int) -> dict[str, Any]:
+def _tensorflow(checkpoint: str, threads: int, iterations: int, seconds: float = 2.0) -> dict[str, Any]:
     """In a fresh process: the Keras model behind a tf.function, `threads` intra-op threads."""
     import tensorflow as tf
 
@@ -34,7 +34,7 @@ def _tensorflow(checkpoint: str, threads: int, iterations: int) -> dict[str, Any
     model, _ = load_model(checkpoint)
     infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     one, batch = _inputs()
-    result = {"b256": throughput(lambda: infer(batch).numpy(), 256, seconds=2.0)}
+    result = {"b256": throughput(lambda: infer(batch).numpy(), 256, seconds=seconds)}
     if threads == 1:
         result["latency"] = latency_us(lambda: infer(one).numpy(), iterations)
     return result
@@ -49,13 +49,13 @@ def _inputs() -> tuple[np.ndarray, np.ndarray]:
     return images[:1], images
 
 
-def _onnxruntime(path: Path, threads: int, iterations: int) -> dict[str, Any]:
+def _onnxruntime(path: Path, threads: int, iterations: int, seconds: float = 2.0) -> dict[str, Any]:
     from mnist_dist.timing import latency_us, ort_session, throughput
 
     session = ort_session(path, threads)
     name = session.get_inputs()[0].name
     one, batch = _inputs()
-    result = {"b256": throughput(lambda: session.run(None, {name: batch}), 256, seconds=2.0)}
+    result = {"b256": throughput(lambda: session.run(None, {name: batch}), 256, seconds=seconds)}
     if threads == 1:
         result["latency"] = latency_us(lambda: session.run(None, {name: one}), iterations)
     return result
@@ -96,8 +96,9 @@ def weight_stream_floor_us(path: Path, iterations: int = 500) -> tuple[float, in
     return latency_us(lambda: vector @ weights, iterations)["p50"], weights.nbytes
 
 
-def _tf_in_subprocess(checkpoint: str, threads: int, iterations: int) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "mnist_dist.bench.infer", checkpoint, str(threads), str(iterations)],
+def _tf_in_subprocess(checkpoint: str, threads: int, iterations: int, seconds: float) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "mnist_dist.bench.infer", checkpoint, str(threads), str(iterations),
+                           str(seconds)],
                           capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if proc.returncode:
         raise RuntimeError(f"TensorFlow measurement failed:\n{proc.stderr[-3000:]}")
@@ -126,7 +127,7 @@ def export_label(directory: Path, report: dict[str, Any], taken: set[str]) -> st
     return label
 
 
-def measure_export(directory: Path, report: dict[str, Any], iterations: int, thread_counts: list[int],
+def measure_export(directory: Path, report: dict[str, Any], iterations: int, seconds: float, thread_counts: list[int],
                    log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """TensorFlow (the export's checkpoint), ONNX Runtime fp32 and int8: one row each."""
     from mnist_edge.runtime import FP32_FILE, INT8_FILE
@@ -136,10 +137,10 @@ def measure_export(directory: Path, report: dict[str, Any], iterations: int, thr
     checkpoint = report_checkpoint(report, directory)
     rows: dict[str, dict[str, Any]] = {}
     for name, measure, accuracy, size in (
-            ("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4), report["fp32"]["tf_accuracy"], None),
-            ("onnxruntime fp32", lambda t: _onnxruntime(directory / FP32_FILE, t, iterations),
+            ("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4, seconds), report["fp32"]["tf_accuracy"], None),
+            ("onnxruntime fp32", lambda t: _onnxruntime(directory / FP32_FILE, t, iterations, seconds),
              report["fp32"]["ort_accuracy"], report["fp32"]["size_bytes"]),
-            ("onnxruntime int8", lambda t: _onnxruntime(directory / INT8_FILE, t, iterations),
+            ("onnxruntime int8", lambda t: _onnxruntime(directory / INT8_FILE, t, iterations, seconds),
              report["int8"]["ort_accuracy"], report["int8"]["size_bytes"])):
         log(f"measuring {report['model']}: {name} ...")
         per_threads = {t: measure(t) for t in thread_counts}
@@ -149,12 +150,16 @@ def measure_export(directory: Path, report: dict[str, Any], iterations: int, thr
     return rows
 
 
-def run(exports: list[str] | None = None, runs: list[str] | None = None, iterations: int = 2000,
+def run(exports: list[str] | None = None, runs: list[str] | None = None, iterations: int = 2000, seconds: float = 2.0,
         json_path: str | None = None, profile: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every export given (`--export`, then `--run`), side by side in one run; speed-ups are
     against the first export's TensorFlow, and latencies also against its int8 model."""
     from mnist_edge.runtime import FP32_FILE, INT8_FILE
 
+    if not (seconds > 0 and iterations >= 1):
+        from mnist_dist.export import ExportError
+        raise ExportError(f"--seconds must be > 0 and --iterations >= 1, got {seconds} and {iterations}. "
+                          "Fix: pass e.g. --seconds 2 --iterations 2000 (the defaults).")
     directories = [resolve_export(e, None) for e in exports or []] + [resolve_export(None, r) for r in runs or []]
     if not directories:
         from mnist_dist.export import ExportError
@@ -167,7 +172,7 @@ def run(exports: list[str] | None = None, runs: list[str] | None = None, iterati
         report = json.loads((directory / "report.json").read_text())
         label = export_label(directory, report, taken)
         measured.append({"label": label, "export": str(directory), "model": report["model"],
-                         "runtimes": measure_export(directory, report, iterations, thread_counts, log)})
+                         "runtimes": measure_export(directory, report, iterations, seconds, thread_counts, log)})
     first = measured[0]["runtimes"]
     table(["model", "runtime", "test acc", "size KB", "b1 p50 us", "b1 p99 us", *[f"b256 {t}t img/s" for t in thread_counts],
            "p50 vs first TF", "p50 / first int8"],
@@ -189,11 +194,12 @@ def run(exports: list[str] | None = None, runs: list[str] | None = None, iterati
             log(f"floor: one numpy matrix-vector product over {entry['label']}'s largest fp32 weight matrix "
                 f"({floor_bytes / 1e6:.2f} MB) takes {floor_us:.0f} us on this core (1 thread; OpenBLAS may use more)")
             profiles[entry["label"]]["largest_weight_matvec_us"] = floor_us
-    payload = {"benchmark": "infer", "machine": machine, "iterations": iterations, "exports": measured, "profile": profiles}
+    payload = {"benchmark": "infer", "machine": machine, "iterations": iterations, "seconds": seconds, "exports": measured,
+               "profile": profiles}
     save(json_path, payload, log)
     return payload
 
 
 if __name__ == "__main__":
-    # TensorFlow at one thread count in a fresh process: `python -m mnist_dist.bench.infer CHECKPOINT THREADS ITERATIONS`.
-    print(json.dumps(_tensorflow(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    # TensorFlow at one thread count in a fresh process: `python -m mnist_dist.bench.infer CHECKPOINT THREADS ITERATIONS SECONDS`.
+    print(json.dumps(_tensorflow(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))

@@ -78,6 +78,16 @@ def restore_into(model, directory: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def load_model_at(location):
+    """`load_model` of a checkpoint wherever the run store has it (mnist_dist.store.Location)."""
+    try:
+        with location.local_copy() as local:
+            return load_model(local)
+    except FileNotFoundError:
+        raise CheckpointError(f"{location}: checkpoint directory does not exist. Fix: pass a checkpoint_* folder of a run, "
+                              "or --run RUN_DIR.") from None
+
+
 def load_model(directory: str | os.PathLike):
     """The trained Keras model of a checkpoint, for evaluation and export."""
     from mnist_dist.process_setup import import_tensorflow

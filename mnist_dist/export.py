@@ -18,7 +18,7 @@ import numpy as np
 from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION, META_SESSION
 
 from mnist_dist import machine, onnx_graph, ownership
-from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model, write_json_atomic
+from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model_at, write_json_atomic
 from mnist_dist.data import PIXEL_OFFSET, PIXEL_SCALE
 from mnist_dist.errors import MnistDistError, RunError
 from mnist_dist.store import Location, StorageError, Where
@@ -225,11 +225,7 @@ def _export(run: Location | None, checkpoint: Location | None, out: Location | N
     protected = tuple(p for p in (run_dir, ckpt_dir) if p)  # what this command reads
     check_output_dir(out_dir, options.force, protected)
     try:
-        with ckpt_dir.local_copy() as local:
-            model, state = load_model(local)
-    except FileNotFoundError:
-        raise ExportError(f"{ckpt_dir}: checkpoint directory does not exist. Fix: pass a checkpoint_* folder of a run, "
-                          "or --run RUN_DIR.") from None
+        model, state = load_model_at(ckpt_dir)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     config = TrainConfig.from_saved(state["config"])

@@ -208,19 +208,14 @@ def write_report(run: Where, out: Where | None = None, log: Callable[[str], None
 
 
 def _write_report(run_dir: Location, result: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> None:
-    from mnist_dist.checkpoint import load_model
+    from mnist_dist.checkpoint import load_model_at
     from mnist_dist.config import TrainConfig
     from mnist_dist.evaluate import predict_logits
     from mnist_dist.export import read_report
     from mnist_dist.data import load_for
 
     checkpoint, _best = best_checkpoint(run_dir)
-    try:
-        with checkpoint.local_copy() as local:
-            model, _state = load_model(local)
-    except FileNotFoundError:
-        raise RunError(f"{checkpoint}: the run's best checkpoint (best.json) is not there. Fix: copy the whole run "
-                       "directory, or re-run the same `mnist-dist train` command.") from None
+    model, _state = load_model_at(checkpoint)
 
     scalars = step_scalars(run_dir)
     if not scalars:

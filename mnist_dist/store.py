@@ -328,7 +328,11 @@ class Location:
             return
         lock = _bucket_lock if not self._local else _os_lock
         with lock(self, command):
-            yield
+            _held[self._key] = command
+            try:
+                yield
+            finally:
+                del _held[self._key]
 
     @property
     def _key(self) -> str:
@@ -399,7 +403,7 @@ def _first_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- the two locks
 LOCK_FILE = ".lock"
-_held: dict[str, Any] = {}  # location -> the open lock file, or the bucket lock's token, while this process holds it
+_held: dict[str, str] = {}  # the folders whose lock this process holds -> the command that took it
 # A bucket lock's holder rewrites it every HEARTBEAT_S; one not rewritten for STALE_S
 # belongs to a process that died (a killed driver, a deleted pod) and is taken over.
 HEARTBEAT_S, STALE_S, SETTLE_S = 5.0, 30.0, 1.0
@@ -431,11 +435,9 @@ def _os_lock(location: Location, command: str) -> Iterator[None]:
     handle.truncate()
     handle.write(_holder(command) + "\n")  # names the holder for the one-line refusal a second writer gets
     handle.flush()
-    _held[location._key] = handle
     try:
         yield
     finally:
-        del _held[location._key]
         handle.close()  # releases the lock; the file stays, naming the last holder
 
 
@@ -483,11 +485,9 @@ def _bucket_lock(location: Location, command: str) -> Iterator[None]:
 
     thread = threading.Thread(target=renew, name="mnist-dist-run-lock", daemon=True)
     thread.start()
-    _held[location._key] = token
     try:
         yield
     finally:
-        del _held[location._key]
         stop.set()
         thread.join()
         if (_read_lock(lock) or {}).get("token") == token:

@@ -92,7 +92,9 @@ def test_export_or_report_of_what_is_no_run_is_one_line(tmp_path):
     with pytest.raises(ExportError, match="run directory does not exist"):
         export(run=tmp_path / "result.json")
     _config, run = finished_run(tmp_path)
-    with pytest.raises(RunError, match=r"checkpoint_epoch001: the run's best checkpoint \(best.json\) is not there"):
+    from mnist_dist.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"checkpoint_epoch001: checkpoint directory does not exist"):
         (run / "checkpoint_epoch001" / ownership.MARKER).delete()
         (tmp_path / "again" / "checkpoint_epoch001").rmdir()
         write_report(run, log=lambda _: None)
@@ -155,7 +157,7 @@ def test_a_rejected_export_in_a_bucket_names_where_its_files_went(tmp_path, monk
 
     config, run = finished_run(tmp_path)
     state = {"config": config.to_dict(), "epoch": 1, "val_accuracy": 0.9, "model_sha256": ""}
-    monkeypatch.setattr(export_mod, "load_model", lambda local: (None, state))
+    monkeypatch.setattr(export_mod, "load_model_at", lambda checkpoint: (None, state))
     monkeypatch.setattr("mnist_dist.data.load_for", lambda config: None)
 
     def rejected(work, *args):  # what _build leaves when a rule fails, without converting anything

@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        from mnist_edge.cli import reader_went_away
+        return reader_went_away()
     except Exception as exc:
         from mnist_edge.errors import EdgeError
 

@@ -139,3 +139,14 @@ def test_int8_model_carries_its_session_settings_and_the_runtime_applies_them(ex
     plain = _executed_ops(ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"]))
     assert ours.index("MaxPool") < ours.index("QuantizeLinear"), ours
     assert plain.index("QuantizeLinear") < plain.index("MaxPool"), plain
+
+
+def test_a_reader_that_stops_early_ends_predict_quietly(exported, mnist_dir):
+    """`mnist-dist predict ... | head -1`: no BrokenPipeError traceback, the exit status of a piped tool."""
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "predict", "--model", str(exported["dir"]),
+                             str(mnist_dir / "t10k-images-idx3-ubyte.gz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().endswith("\n")
+    proc.stdout.close()  # the reader goes away, as `head -1` does
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in err, err

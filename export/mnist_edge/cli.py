@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -56,6 +57,13 @@ def batches(items, size: int):
         yield batch
 
 
+def reader_went_away() -> int:
+    """The output's reader closed it (`predict ... | head`): stop quietly, as Unix tools do,
+    and keep Python from reporting the unflushable stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="mnist-edge", description=__doc__))
     args = parser.parse_args(argv)
@@ -64,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return reader_went_away()
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ def test_force_replaces_a_verified_export(small_run, tmp_path):
         export()
     export(force=True)
     assert (out / "model.onnx").is_file() and json.loads((out / "report.json").read_text())["created"] >= first
+    assert {p.name for p in out.iterdir()} == {export_mod.ownership.MARKER, "model.onnx", "model.int8.onnx", "report.json",
+                                               "report.md"}  # its own files, nothing else
     assert not list(tmp_path.glob(".out*"))  # no temporary or backup folder left behind
 
 

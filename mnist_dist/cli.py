@@ -32,7 +32,7 @@ TRAIN_OPTIONS = {
     # flag: (config field, type, help)
     "--model": ("model", str, " | ".join(MODELS)),
     "--epochs": ("epochs", int, "epochs to train"),
-    "--batch-size": ("batch_size", int, "per-worker batch; global batch = batch-size x workers"),
+    "--batch-size": ("batch_size", int, "per-worker batch of the full group; global batch = batch-size x workers (MAX of a range)"),
     "--optimizer": ("optimizer", str, "sgd (momentum 0.9) | adam"),
     "--lr": ("learning_rate", float, "initial learning rate"),
     "--lr-decay": ("lr_decay", float, "learning-rate factor per epoch (staircase)"),
@@ -47,7 +47,9 @@ TRAIN_OPTIONS = {
     "--data-dir": ("data_dir", str, "folder with the MNIST IDX files (else $MNIST_DATA_DIR, else the cache)"),
     "--val-size": ("val_size", int, "first N training images held out for validation (default 5000)"),
     "--train-limit": ("train_limit", int, "train on the first N remaining images only"),
-    "--workers": ("workers", int, "Ray Train workers (default 2)"),
+    "--workers": ("workers", str, "Ray Train workers: N (default 2), or an elastic range MIN-MAX such as 1-4"),
+    "--checkpoint-every": ("checkpoint_every", str, "a step checkpoint every N steps (500) or seconds (60s, the default); 0: epoch checkpoints only"),
+    "--resize-interval": ("resize_interval", float, "seconds between Ray's checks whether an elastic group can grow (default 15)"),
     "--cpus-per-worker": ("cpus_per_worker", int, "CPUs per worker; also sizes its thread pools"),
     "--gpus-per-worker": ("gpus_per_worker", float, "GPUs per worker: whole GPUs all-reduce with NCCL; a fraction (0.5) shares a GPU, with RING"),
     "--address": ("address", str, "Ray cluster: auto | ray://host:10001 (default: embedded local Ray)"),
@@ -75,13 +77,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from mnist_dist.config import preset
+    from mnist_dist.config import parse_workers, preset
 
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, (field, _k, _h) in TRAIN_OPTIONS.items()}
     overrides.update(augment=args.augment, synthetic=args.synthetic, pin_cpus=args.pin_cpus, dashboard=args.dashboard,
                      expose_ray=args.expose_ray)
+    if overrides["workers"] is not None:
+        overrides["min_workers"], overrides["workers"] = parse_workers(overrides["workers"])
     if args.in_process:
-        overrides["workers"] = 1
+        overrides["workers"], overrides["min_workers"] = 1, None
     return preset(args.preset, **overrides)
 
 

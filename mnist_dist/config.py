@@ -30,7 +30,9 @@ class TrainConfig:
     # The default schedule is tuned for time to accuracy (`bench tta`): Adam at global batch
     # 256 reaches its accuracy target in half the epochs the tutorial's SGD recipe (the
     # `tutorial` preset) needs (docs/benchmarks.md#time-to-accuracy-bench-tta).
-    batch_size: int = 128  # per worker: the global batch is batch_size * workers
+    # Per worker of the full group: the global batch is batch_size * workers (the range's MAX),
+    # and stays that whatever number of workers trains it (docs/spot.md).
+    batch_size: int = 128
     optimizer: str = "adam"
     learning_rate: float = 0.002
     lr_decay: float = 0.6  # once per epoch, staircase, counted in global steps
@@ -60,7 +62,12 @@ class TrainConfig:
     train_limit: int | None = None  # use only the first N training images (smoke tests)
 
     # Where and how it runs.
-    workers: int = 2
+    workers: int = 2  # a fixed group, or the MAX of an elastic range
+    min_workers: int | None = None  # an elastic range MIN-MAX (--workers 1-4): Ray starts with MIN and grows to MAX
+    # Seconds between Ray's checks whether an elastic group can grow (ScalingConfig.elastic_resize_monitor_interval_s).
+    resize_interval: float = 15.0
+    # A step checkpoint every N steps ("500") or seconds ("60s"); "0" for epoch checkpoints only.
+    checkpoint_every: str = "60s"
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0  # below 1: workers share a GPU (Ray's fractional GPUs)
     # CPU workers that fill their node's CPUs each keep to their own (process_setup.cores_to_pin).
@@ -76,6 +83,29 @@ class TrainConfig:
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    @property
+    def worker_range(self) -> str:
+        """`--workers` as given: "2", or "1-4" for an elastic range."""
+        return f"{self.min_workers}-{self.workers}" if self.elastic else str(self.workers)
+
+    @property
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """(steps, seconds) between step checkpoints; 0 where that kind is off."""
+        text = str(self.checkpoint_every).strip()
+        number = text[:-1] if text.endswith("s") else text
+        try:
+            value = float(number) if text.endswith("s") else int(number)
+        except ValueError:
+            raise ConfigError(f"--checkpoint-every {text!r} must be a number of steps (500) or seconds (60s), "
+                              "or 0 for epoch checkpoints only") from None
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"--checkpoint-every {text!r} must be >= 0 (0: epoch checkpoints only)")
+        return (0, float(value)) if text.endswith("s") else (int(value), 0.0)
 
     @property
     def allreduce_dtype(self) -> str:
@@ -100,6 +130,10 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
+            (self.min_workers is None or 1 <= self.min_workers <= self.workers,
+             f"--workers {self.min_workers}-{self.workers}: the range must be MIN-MAX with 1 <= MIN <= MAX, e.g. 1-4"),
+            (math.isfinite(self.resize_interval) and self.resize_interval > 0,
+             f"--resize-interval must be > 0 seconds, got {self.resize_interval}"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}"),
             (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}"),
             (self.gpus_per_worker < 1 or float(self.gpus_per_worker).is_integer(),
@@ -127,6 +161,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.checkpoint_interval  # noqa: B018  (raises its own one-line error)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +205,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seconds, not minutes: for smoke tests and trying the plumbing.
     "smoke": {"model": "lenet5", "epochs": 2, "optimizer": "sgd", "batch_size": 64, "learning_rate": 0.05, "train_limit": 2048, "val_size": 512, "eval_every": 10},
 }
+
+
+def parse_workers(text: str | int) -> tuple[int | None, int]:
+    """`--workers` / MNIST_WORKERS: "2" is a fixed group, "1-4" an elastic range: (MIN or None, MAX)."""
+    low, dash, high = str(text).strip().partition("-")
+    try:
+        values = (int(low), int(high)) if dash else (None, int(low))
+    except ValueError:
+        raise ConfigError(f"--workers {text!r} must be a number (2) or a range MIN-MAX (1-4)") from None
+    return values
 
 
 def preset(preset_name: str, **overrides: Any) -> TrainConfig:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnist_dist import compat, results, rundir
+from mnist_dist import compat, results, rundir, spot
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import RunError
 from mnist_dist.rundir import run_dir
@@ -46,7 +46,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     if not config.synthetic:
         from mnist_dist.data import dir_on_this_node
         config = config.replace(data_dir=str(dir_on_this_node(config.data_dir)))
-    session = RaySession(run_dir(config))
+    plan = process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker)
+    session = RaySession(run_dir(config), loop_config["command"], plan.resources_per_worker)
     pinned = pin_worker(config, session)  # before TensorFlow starts its thread pools
     process_setup.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
     if os.environ.get(PID_DIR_ENV):
@@ -58,7 +59,6 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     if pinned and session.rank == 0:
         process_setup.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
-    plan = process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker)
     if plan.use_gpu and session.rank == 0:
         process_setup.console(process_setup.gpu_line(plan, process_setup.cluster_size()))
     strategy = process_setup.make_strategy(plan)
@@ -147,17 +147,24 @@ def local_ray_options(config: TrainConfig) -> dict[str, Any]:
         compat.set_default_env(compat.NO_DASHBOARD_ENV)
     # The dashboard is about ten more processes, and it answers that cleaner's State API
     # query every second while a run trains (docs/benchmarks.md#start-up-bench-startup).
-    return {"num_cpus": max(os.cpu_count() or 1, config.workers * config.cpus_per_worker),
+    # An elastic range starts as many workers as this machine's cores hold, at least MIN.
+    wanted = config.min_workers if config.elastic else config.workers
+    return {"num_cpus": max(os.cpu_count() or 1, wanted * config.cpus_per_worker),
             "include_dashboard": config.dashboard}
 
 
 def scaling_config(config: TrainConfig):
-    """What each of the N workers asks Ray for (CPUs, and GPUs when --gpus-per-worker > 0)."""
+    """What each of the N workers asks Ray for (CPUs, and GPUs when --gpus-per-worker > 0);
+    an elastic range is Ray's (MIN, MAX), checked for growth every --resize-interval seconds."""
     from ray.train import ScalingConfig
 
     from mnist_dist import process_setup
 
     plan = process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker)
+    if config.elastic:
+        return ScalingConfig(num_workers=(config.min_workers, config.workers), use_gpu=plan.use_gpu,
+                             resources_per_worker=plan.resources_per_worker,
+                             elastic_resize_monitor_interval_s=config.resize_interval)
     return ScalingConfig(num_workers=config.workers, use_gpu=plan.use_gpu,
                          resources_per_worker=plan.resources_per_worker)
 
@@ -200,7 +207,7 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
     trainer = DataParallelTrainer(
         worker_main,
         backend_config=TfConfig(),
-        train_loop_config={"config": config.to_dict(), "env": worker_env()},
+        train_loop_config={"config": config.to_dict(), "env": worker_env(), "command": spot.new_command_id()},
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.name,
@@ -208,7 +215,9 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
                                                checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            # A preemption (a drained node) is not a failure: it is retried without limit
+            # and leaves --max-failures to real errors.
+            failure_config=FailureConfig(max_failures=config.max_failures, max_preemption_failures=-1),
             # Ray Train's INFO lines (resources requested, worker group started) are not the
             # user's business on a healthy run; its warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -220,7 +229,7 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
     if diverged is not None:  # every rank stopped at the same step and returned (worker_main)
         (run / DIVERGED_FILE).delete()
         raise RunError(diverged["error"])
-    if not result.best_checkpoints:
+    if not any(metrics.get("kind") != "step" for _, metrics in result.best_checkpoints or []):
         raise RuntimeError(f"the run reported no checkpoint; see the worker logs above (run directory {run})")
     scored = result.metrics.get("test")  # rank 0 scores the best weights on the test set when it has them
     best_checkpoint, best_metrics = pick_best(result.best_checkpoints)
@@ -235,8 +244,9 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
 def pick_best(checkpoints: list):
     """The (checkpoint, metrics) of Ray's kept checkpoints whose epoch `results.best_epoch`
     picks: the rule rank 0 used when it scored the best weights."""
-    epoch = results.best_epoch([metrics for _, metrics in checkpoints])
-    return next(pair for pair in checkpoints if pair[1]["epoch"] == epoch)
+    epochs = [pair for pair in checkpoints if pair[1].get("kind") != "step"]
+    epoch = results.best_epoch([metrics for _, metrics in epochs])
+    return next(pair for pair in epochs if pair[1]["epoch"] == epoch)
 
 
 def state_history(result) -> list[dict[str, Any]]:

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 
 from mnist_dist import checkpoint as ckpt
-from mnist_dist import gradients, machine, ownership, step
+from mnist_dist import gradients, machine, ownership, spot, step
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import Mnist, load_for
 from mnist_dist.errors import MnistDistError
 from mnist_dist.results import best_epoch
 from mnist_dist.scoring import make_evaluator, make_worker_sum
-from mnist_dist.sessions import Session
+from mnist_dist.sessions import Session, epoch_checkpoint_name, step_checkpoint_name
 from mnist_dist.summaries import SUBDIR, Summaries
 from mnist_dist.tfdata import distributed_chunks
 
@@ -80,15 +80,17 @@ class Trainer:
         self.data = data or load_for(config)
         self.is_chief = session.rank == 0
         self.say = log if self.is_chief else (lambda _msg: None)
-        # One replica per Ray worker; MirroredStrategy over local devices (tests) has several.
-        self.global_batch = config.batch_size * self.strategy.num_replicas_in_sync
+        # The configuration's, whatever the number of workers: an elastic group of N splits it N ways.
+        self.global_batch = config.global_batch_size
         self.steps_per_epoch = len(self.data.train_y) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.data.train_y)} training images are fewer than one global batch of {self.global_batch}")
         # One replica has nothing to sum; rounding its gradients would only lose precision.
         self.allreduce = config.allreduce_dtype if self.strategy.num_replicas_in_sync > 1 else "none"
         self.history: list[dict[str, Any]] = []
-        self.start_epoch, self.train_seconds = 0, 0.0
+        self.start_epoch, self.skip_steps, self.train_seconds = 0, 0, 0.0
+        self.partial: dict[str, float] = {}  # a resumed epoch's loss and seconds before its step checkpoint
+        self.progress = spot.Progress(session.run, session.command_id, session.world_size) if self.is_chief else None
         self.best_weights: tuple[int, list] | None = None  # (epoch, weights) of the best epoch trained here
         self.next_chunk = None
 
@@ -103,16 +105,29 @@ class Trainer:
             self.model, self.optimizer = step.build_model_and_optimizer(self.config, self.steps_per_epoch)
 
     def resume(self) -> None:
-        """Weights, optimizer slots and history from the session's latest checkpoint, if any."""
+        """Weights, optimizer slots, history and the place in the epoch from the session's latest
+        checkpoint (an epoch's or a step's), if any."""
+        restored = None
         with self.session.latest_checkpoint() as restore_dir:
             if restore_dir is not None:
                 state = ckpt.restore_into(self.model, restore_dir)
-                self.start_epoch, self.history = state["epoch"], state.get("history", [])
-                self.train_seconds = state.get("train_seconds", 0.0)
-                self.say(f"resumed from {restore_dir}: epoch {self.start_epoch}, global step {self.global_step()}")
-        if self.global_step() != self.start_epoch * self.steps_per_epoch:
-            raise RuntimeError(f"checkpoint step {self.global_step()} does not match epoch {self.start_epoch} x "
-                               f"{self.steps_per_epoch} steps")
+                self.history, self.train_seconds = state.get("history", []), state.get("train_seconds", 0.0)
+                self.partial = state.get("partial") or {}
+                restored = Path(restore_dir).name
+        at = self.global_step()
+        self.start_epoch, self.skip_steps = divmod(at, self.steps_per_epoch)
+        if len(self.history) != self.start_epoch:
+            raise RuntimeError(f"checkpoint step {at} is in epoch {self.start_epoch + 1} of {self.steps_per_epoch} steps, "
+                               f"but its history holds {len(self.history)} epochs")
+        if restored:
+            self.say(f"resumed from {restored}: global step {at}, epoch {self.start_epoch}"
+                     + (f" + {self.skip_steps} steps" if self.skip_steps else ""))
+        if self.progress:
+            entry = self.progress.start(at, restored is not None)
+            lost = self.progress.record["lost_steps"]
+            if entry["reason"] != "start" or restored:
+                self.say(f"worker group of {self.session.world_size} ({entry['reason']}) from global step {at}; "
+                         f"steps trained twice so far: {lost}")
 
     def global_step(self) -> int:
         return int(self.optimizer.iterations.numpy())
@@ -136,19 +151,25 @@ class Trainer:
         if self.start_epoch == 0:
             self.summaries.graph(self.model)
         self.next_chunk = distributed_chunks(strategy, self.data, config, self.start_epoch, self.global_batch,
-                                             config.epochs - self.start_epoch)
+                                             config.epochs - self.start_epoch, self.skip_steps)
+        self.watch = spot.Watch(config, session, self.global_step())
 
     # -- an epoch --------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> tuple[float, list[float], list[dict]]:
-        """Trains one epoch: (training seconds, each call's summed loss, test probes)."""
+        """Trains one epoch, or what is left of it: (training seconds, each call's summed loss, test probes)."""
         config, data = self.config, self.data
-        epoch_start = interval_start = time.perf_counter()
-        eval_seconds = 0.0
-        losses, probes = [], []
-        interval_steps, at = 0, epoch * self.steps_per_epoch
+        resumed = epoch == self.start_epoch and self.skip_steps
+        carried = self.partial if resumed else {}
+        # Rank 0 carries the epoch's loss summed over the workers before its step checkpoint.
+        losses = [carried.get("loss_sum", 0.0)] if self.is_chief and resumed else []
+        epoch_start = interval_start = time.perf_counter() - carried.get("seconds", 0.0)
+        paused = 0.0  # evaluation, step checkpoints and waits: not training time
+        probes = []
+        at = epoch * self.steps_per_epoch + (self.skip_steps if resumed else 0)
+        interval_steps, end = 0, (epoch + 1) * self.steps_per_epoch
         # Exactly steps_per_epoch batches per epoch, the same on every worker, so the loop
         # never needs the distributed iterator's cross-worker end-of-data check.
-        for steps in step.steps_per_call(at, at + self.steps_per_epoch, config.eval_every, config.steps_per_execution):
+        for steps in step.steps_per_call(at, end, config.eval_every, config.steps_per_execution, self.watch.boundaries()):
             total, loss, error = self.train_step(self.next_chunk(steps), steps)
             losses.append(total)
             interval_steps += steps
@@ -160,12 +181,52 @@ class Trainer:
                 check_finite(float(loss), at, config, epoch)
                 _, val_acc = self.evaluate(data.val_x, data.val_y)
                 if config.probe_test:
-                    probes.append({"step": at, "train_seconds": self.train_seconds + eval_start - epoch_start - eval_seconds,
+                    probes.append({"step": at, "train_seconds": self.train_seconds + eval_start - epoch_start - paused,
                                    "test_accuracy": self.evaluate(data.test_x, data.test_y)[1]})
-                eval_seconds += time.perf_counter() - eval_start
+                paused += time.perf_counter() - eval_start
                 self.progress_line(at, float(loss), float(error), val_acc, interval_steps, elapsed)
                 interval_steps, interval_start = 0, time.perf_counter()
-        return time.perf_counter() - epoch_start - eval_seconds, losses, probes
+            if at < end:  # an epoch's end has its own checkpoint
+                pause_start = time.perf_counter()
+                if self.between_calls(at, losses, pause_start - epoch_start - paused):
+                    interval_steps, interval_start = 0, time.perf_counter()
+                paused += time.perf_counter() - pause_start
+            if self.progress:
+                self.progress.step(at)
+        return time.perf_counter() - epoch_start - paused, losses, probes
+
+    def between_calls(self, at: int, losses: list, epoch_seconds: float) -> bool:
+        """What the workers agreed to do at this call boundary (spot.Watch); True after a checkpoint."""
+        decision = self.watch.at_boundary(at)
+        if not decision.checkpoint:
+            return False
+        self.save_step(at, losses, epoch_seconds, decision.stop)
+        if decision.stop:
+            why = "a node of this group is being reclaimed" if decision.stop == "preemption" else "the cluster has room for more workers"
+            self.say(f"{why}: step checkpoint at global step {at} taken; waiting for Ray to restart the worker group")
+            while time.time() < decision.deadline:
+                time.sleep(0.5)
+            self.say(f"no restart came by the deadline; training on from global step {at}")
+            self.watch.resumed_without_restart(decision)
+            if self.progress:
+                self.progress.step(at, force=True)
+        return True
+
+    def save_step(self, at: int, losses: list, epoch_seconds: float, stop: str | None) -> None:
+        """A checkpoint in the middle of an epoch: weights, optimizer, global step, and the epoch's
+        loss and seconds so far; the data order follows from the step (tfdata.train_dataset)."""
+        loss_sum = float(self.worker_sum(np.array([sum(float(x) for x in losses)], np.float32))[0])
+        state = {"epoch": len(self.history), "global_step": at, "kind": "step", "history": self.history,
+                 "train_seconds": self.train_seconds, "partial": {"loss_sum": loss_sum, "seconds": epoch_seconds},
+                 "stopped_for": stop}
+        metrics = {"kind": "step", "epoch": len(self.history), "global_step": at,
+                   "val_accuracy": float("nan")}  # NaN: Ray's CheckpointConfig ranks it below every epoch
+        self.write_checkpoint(state, metrics, step_checkpoint_name(at))
+        self.watch.checkpointed(at)
+        if self.progress:
+            self.progress.step(at, stopping=stop, force=True)
+        if not stop:
+            self.say(f"step checkpoint at global step {at}")
 
     def progress_line(self, at: int, loss: float, error: float, val_acc: float, steps: int, elapsed: float) -> None:
         lr = step.current_lr(self.optimizer)
@@ -209,7 +270,14 @@ class Trainer:
         return metrics
 
     def save(self, metrics: dict[str, Any]) -> None:
-        """The epoch's checkpoint, through the session; every rank adds its weights' digest."""
+        """The epoch's checkpoint, through the session."""
+        self.write_checkpoint({**metrics, "history": self.history}, metrics, epoch_checkpoint_name(metrics["epoch"]))
+        self.watch.checkpointed(metrics["global_step"])
+        if self.progress:
+            self.progress.step(metrics["global_step"], force=True)
+
+    def write_checkpoint(self, state: dict[str, Any], metrics: dict[str, Any], name: str) -> None:
+        """A checkpoint through the session; every rank adds its weights' digest."""
         with tempfile.TemporaryDirectory(prefix="mnist-ckpt-") as tmp:
             out = Path(tmp) / "checkpoint"
             out.mkdir()
@@ -218,9 +286,9 @@ class Trainer:
             rank = self.session.rank
             (out / f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "weights_sha256": step.weights_sha256(self.model)}))
             if self.is_chief:
-                ckpt.save(out, self.model, {**metrics, "history": self.history, "config": self.config.to_dict(),
-                                            "data_source": self.data.source, "steps_per_epoch": self.steps_per_epoch})
-            self.session.report(metrics, out, metrics["epoch"])
+                ckpt.save(out, self.model, {**state, "config": self.config.to_dict(), "data_source": self.data.source,
+                                            "steps_per_epoch": self.steps_per_epoch})
+            self.session.report(metrics, out, name)
 
     # -- the whole run ---------------------------------------------------------------
     def run(self) -> dict[str, Any]:

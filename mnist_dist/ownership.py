@@ -27,7 +27,7 @@ KINDS = {
 }
 # Any of these makes a folder a training run: the files of mnist_dist.rundir and results,
 # and Ray Train's own (its checkpoints, snapshot and storage marker).
-RUN_FILES = ("config.json", "result.json", "best.json", "checkpoint_*", "checkpoint_manager_snapshot.json",
+RUN_FILES = ("config.json", "result.json", "best.json", "progress.json", "checkpoint_*", "checkpoint_manager_snapshot.json",
              ".validate_storage_marker")
 
 

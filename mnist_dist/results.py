@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mnist_dist import spot
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import RunError
 from mnist_dist.store import Location, basename
@@ -58,6 +59,7 @@ def finish(config: TrainConfig, run: Location, best_name: str, local_best: Path,
         "global_step": last_metrics["global_step"],
         "workers": config.workers,
         "global_batch_size": config.global_batch_size,
+        **spot.read(run),  # resizes and lost_steps
         "train_seconds": last_metrics.get("train_seconds"),
         "wall_seconds": wall_seconds,
         "data_source": state.get("data_source"),

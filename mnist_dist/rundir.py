@@ -21,7 +21,9 @@ CONFIG_FILE, RESULT_FILE = "config.json", "result.json"
 # What a re-run may change without changing what the run trains.
 MAY_CHANGE = frozenset({"epochs", "eval_every", "steps_per_execution", "probe_test", "data_dir", "cpus_per_worker",
                         "gpus_per_worker", "pin_cpus", "address", "dashboard", "expose_ray", "storage", "name", "max_failures",
-                        "keep_checkpoints"})
+                        "keep_checkpoints", "resize_interval", "checkpoint_every"})
+# The worker count and the per-worker batch may change together, as long as the global batch stays.
+GROUP_FIELDS = frozenset({"workers", "min_workers", "batch_size"})
 
 
 def run_dir(config: TrainConfig) -> Location:
@@ -48,9 +50,13 @@ def settle(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def differences(saved: TrainConfig, asked: TrainConfig) -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)
-            if f.name not in MAY_CHANGE and getattr(saved, f.name) != getattr(asked, f.name)]
+def differences(saved: TrainConfig, asked: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(what, saved, asked) for each setting that would change what the run trains."""
+    changed = [(f.name, getattr(saved, f.name), getattr(asked, f.name)) for f in dataclasses.fields(TrainConfig)
+               if f.name not in MAY_CHANGE | GROUP_FIELDS and getattr(saved, f.name) != getattr(asked, f.name)]
+    if saved.global_batch_size != asked.global_batch_size:
+        changed.append(("global batch (batch_size x workers)", saved.global_batch_size, asked.global_batch_size))
+    return changed
 
 
 def claim(config: TrainConfig) -> dict[str, Any] | None:
@@ -64,11 +70,12 @@ def claim(config: TrainConfig) -> dict[str, Any] | None:
         saved_config = TrainConfig.from_saved(saved)
         changed = differences(saved_config, config)
         if changed:
-            theirs = ", ".join(f"{name}={getattr(saved_config, name)!r}" for name in changed)
-            ours = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+            theirs = ", ".join(f"{name}={value!r}" for name, value, _ in changed)
+            ours = ", ".join(f"{name}={value!r}" for name, _, value in changed)
             raise RunError(f"{directory}: this run was trained with {theirs}; this command asks for {ours}, which cannot "
                            "continue it. Fix: pass a new --name for a new run, or the run's own settings to continue it "
-                           "(only epochs, workers' CPUs and GPUs, cluster and checkpoint settings may change).")
+                           "(only epochs, the worker count at the same global batch, workers' CPUs and GPUs, cluster and "
+                           "checkpoint settings may change).")
     result = read_json(directory, RESULT_FILE)
     if result is not None and result.get("epochs_completed", 0) >= config.epochs:
         return result

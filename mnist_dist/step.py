@@ -44,15 +44,17 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
     variable (`mnist_dist.gradients`).
 
     Returns `train_steps(chunk, steps)`: it runs the first `steps` of the batches stacked in
-    `chunk` (a distributed (images, labels) of shape [K, local batch, ...], from
+    `chunk` (a distributed (images, labels, weights) of shape [K, local batch, ...], from
     `distributed_chunks`) in one in-graph loop, and returns this worker's share of the
     summed loss, and of the last step's loss and error rate.
     """
     import keras
     import tensorflow as tf
 
+    from mnist_dist.tfdata import replica_slices
+
     replicas = strategy.num_replicas_in_sync
-    exchange = gradients.GradientExchange(model, global_batch // replicas, replicas, allreduce)
+    exchange = gradients.GradientExchange(model, replica_slices(global_batch, replicas)[1], replicas, allreduce)
     optimizer.add_l2_gradients(model, strategy)
     variables = model.trainable_variables
 
@@ -60,16 +62,17 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
     def penalty():
         return tf.add_n(model.losses) if model.losses else tf.constant(0.0)
 
-    def replica_step(images, labels, index):
-        images, labels = images[index], labels[index]
+    def replica_step(images, labels, weights, index):
+        images, labels, weights = images[index], labels[index], weights[index]
         with tf.GradientTape() as tape:
             logits, taps = exchange.forward(images, training=True)
             logits = tf.cast(logits, tf.float32)
-            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            # Padding rows (weight 0) of a global batch that N does not divide add nothing.
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True) * weights
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
         reported = loss + tf.nn.scale_regularization_loss(penalty())  # read before the update
         optimizer.apply_gradients(zip(exchange(tape, loss, taps), variables))
-        wrong = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) != labels, tf.float32))
+        wrong = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) != labels, tf.float32) * weights)
         return reported, wrong
 
     def local_sum(per_replica):
@@ -122,12 +125,15 @@ def make_statistics_sync(strategy, model) -> Callable[[], None]:
     return sync
 
 
-def steps_per_call(first_step: int, last_step: int, eval_every: int, per_call: int) -> list[int]:
+def steps_per_call(first_step: int, last_step: int, eval_every: int, per_call: int, checkpoint_every: int = 0) -> list[int]:
     """How many steps each train-function call runs from `first_step` to `last_step`: at
-    most `per_call`, and a call always ends where a progress line is due."""
+    most `per_call`, and a call always ends where a progress line or a step checkpoint
+    counted in steps is due."""
     sizes, step = [], first_step
     while step < last_step:
         stop = min(step + per_call, last_step, (step // eval_every + 1) * eval_every)
+        if checkpoint_every:
+            stop = min(stop, (step // checkpoint_every + 1) * checkpoint_every)
         sizes.append(stop - step)
         step = stop
     return sizes

@@ -221,6 +221,18 @@ class Location:
                 fs, path = self._fs
                 fs.delete_file(path)
 
+    def delete_tree(self, commit: str | None = None) -> None:
+        """Remove a folder and everything in it; nothing there is fine. Its `commit` record goes
+        first, so that a delete cut off midway leaves nothing that passes for whole."""
+        if commit:
+            (self / commit).delete()
+        with contextlib.suppress(FileNotFoundError), self._errors("deleting"):
+            if self._local:
+                shutil.rmtree(self.uri)
+            else:
+                fs, path = self._fs
+                fs.delete_dir(path)
+
     def make_dirs(self) -> None:
         """The folder and its parents (a bucket needs none)."""
         if self._local:

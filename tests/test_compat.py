@@ -102,3 +102,9 @@ def test_the_loggers_quieted_by_name_still_exist():
     assert compat.report_logger_name() is not None
     module = importlib.import_module(compat.PLACEMENT_GROUP_CLEANER_LOGGER)
     assert "logger" in vars(module)
+
+
+def test_ray_trains_default_preemption_deadline_is_the_one_the_workers_wait_for():
+    from ray.train.v2._internal import constants
+
+    assert constants.DEFAULT_PREEMPTION_DEADLINE_S == compat.RAY_PREEMPTION_DEFAULT_DEADLINE_S

@@ -305,9 +305,9 @@ def test_the_entrypoint_runs_the_jobs_script_with_every_setting_as_a_real_flag(r
     from mnist_dist.cli import build_parser
 
     args = build_parser().parse_args(argv[2:])
-    assert (args.workers, args.epochs, args.cpus_per_worker, args.gpus_per_worker, args.max_failures) == tuple(
-        int(config[k]) for k in ("MNIST_WORKERS", "MNIST_EPOCHS", "MNIST_CPUS_PER_WORKER", "MNIST_GPUS_PER_WORKER",
-                                 "MNIST_MAX_FAILURES"))
+    assert (args.epochs, args.cpus_per_worker, args.gpus_per_worker, args.max_failures) == tuple(
+        int(config[k]) for k in ("MNIST_EPOCHS", "MNIST_CPUS_PER_WORKER", "MNIST_GPUS_PER_WORKER", "MNIST_MAX_FAILURES"))
+    assert args.workers == config["MNIST_WORKERS"]  # N, or an elastic range MIN-MAX
     assert (args.storage, args.name, args.preset) == (config["MNIST_STORAGE"], config["MNIST_RUN_NAME"], config["MNIST_PRESET"])
     extra = {"MNIST_EXTRA_ARGS": "--train-limit 1024  --augment"}
     proc = subprocess.run(["bash", str(ROOT / "jobs" / "pipeline.sh"), "--epochs", "3"], capture_output=True, text=True,

@@ -123,7 +123,7 @@ def test_the_fused_update_is_keras_own_step_with_the_penalty_in_the_loss(optimiz
         next(layer for layer in model.layers if layer.name.startswith("dropout")).rate = 0.0  # no dropout: every variant sees the same forward pass
         if variant == "fused":
             steps = make_train_step(tf.distribute.get_strategy(), model, opt, global_batch=16, allreduce="none")
-            losses = [float(steps((x[None], y[None]), 1)[1]) for x, y in batches]  # one-step chunks
+            losses = [float(steps((x[None], y[None], tf.ones([1, 16])), 1)[1]) for x, y in batches]  # one-step chunks
         else:
             step = keras_step(model, opt, with_penalty=variant == "keras")
             losses = [float(step(batch)[0]) for batch in batches]
@@ -214,6 +214,52 @@ def test_resume_continues_step_epoch_and_learning_rate(tmp_path):
     assert second["history"][0] == first["history"][0]
     lrs = [h["learning_rate"] for h in second["history"]]
     assert lrs == pytest.approx([config.learning_rate * config.lr_decay ** e for e in (1, 2, 3)], rel=1e-5)
+
+
+class StopsAfterStep(DirectorySession):
+    """A process that dies right after its step checkpoint at `stop_step` (as a hard kill would)."""
+
+    class Died(Exception):
+        pass
+
+    def __init__(self, run, stop_step):
+        super().__init__(run)
+        self.stop_step = stop_step
+
+    def report(self, metrics, checkpoint_dir, name):
+        super().report(metrics, checkpoint_dir, name)
+        if metrics["global_step"] == self.stop_step:
+            raise self.Died(name)
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
+def test_a_run_resumed_from_a_step_checkpoint_mid_epoch_ends_as_the_uninterrupted_run(tmp_path):
+    import keras
+
+    config = TrainConfig(model="lenet5", epochs=2, batch_size=50, workers=1, synthetic=True, train_limit=1000,
+                         val_size=200, eval_every=1000, optimizer="sgd", learning_rate=0.05, checkpoint_every="7",
+                         augment=True, steps_per_execution=4)
+    whole = train(config, DirectorySession(Location.of(tmp_path / "whole")), log=lambda _: None)
+    cut = Location.of(tmp_path / "cut")
+    with pytest.raises(StopsAfterStep.Died, match="checkpoint_step00000028"):  # in epoch 2 (20 steps an epoch)
+        train(config, StopsAfterStep(cut, 28), log=lambda _: None)
+    names = sorted(name for name, _ in cut.entries() if name.startswith("checkpoint_"))
+    assert names == ["checkpoint_epoch001", "checkpoint_step00000028"]  # only the newest step checkpoint is kept
+    lines = []
+    resumed = train(config, DirectorySession(cut), log=lines.append)
+    assert "resumed from checkpoint_step00000028: global step 28, epoch 1 + 8 steps" in lines
+    assert [h["global_step"] for h in resumed["history"]] == [20, 40]
+    for key in ("val_accuracy", "val_loss", "train_loss", "learning_rate", "global_step"):
+        assert resumed["history"][0][key] == whole["history"][0][key]
+    assert set(resumed["history"][0]) == set(whole["history"][0])  # and the timings, which differ
+    # The epoch in progress was neither repeated nor skipped: its mean loss and final weights match.
+    assert resumed["history"][1]["train_loss"] == pytest.approx(whole["history"][1]["train_loss"], rel=1e-5)
+    weights = [keras.models.load_model(tmp_path / r / "checkpoint_epoch002" / "model.keras").get_weights() for r in ("whole", "cut")]
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not any(name.startswith("checkpoint_step") for name, _ in cut.entries())  # dropped by the epoch's checkpoint
+    progress = (cut / "progress.json").read_json()
+    assert [r["reason"] for r in progress["resizes"]] == ["start", "start"] and progress["lost_steps"] == 0
 
 
 def test_the_time_line_counts_only_the_epochs_this_command_trained():

@@ -36,7 +36,7 @@ def verified_export(where: Location, checkpoint="checkpoint_epoch001"):
 
 
 @pytest.mark.parametrize("change, named", [({"model": "tf-tutorial"}, "model='lenet5'"),
-                                           ({"batch_size": 32}, "batch_size=64"),
+                                           ({"batch_size": 32}, r"global batch \(batch_size x workers\)=128"),
                                            ({"learning_rate": 0.01}, "learning_rate=0.05")])
 def test_a_re_run_that_would_train_something_else_is_refused(tmp_path, change, named):
     config, run = finished_run(tmp_path)
@@ -50,6 +50,48 @@ def test_a_re_run_may_change_how_long_and_how_not_what(tmp_path):
     config, run = finished_run(tmp_path)
     assert rundir.claim(config.replace(epochs=2, steps_per_execution=3, cpus_per_worker=2, max_failures=5)) is None
     assert (run / "config.json").read_json()["epochs"] == 2  # rewritten: the run now asks for 2
+
+
+def test_a_re_run_may_change_the_worker_count_at_the_same_global_batch(tmp_path):
+    config, run = finished_run(tmp_path)  # 2 workers x 64
+    assert rundir.claim(config.replace(epochs=2, workers=1, batch_size=128)) is None
+    assert rundir.claim(config.replace(epochs=2, workers=4, min_workers=1, batch_size=32)) is None
+    with pytest.raises(RunError, match=r"global batch \(batch_size x workers\)=128.*=256"):
+        rundir.claim(config.replace(epochs=2, workers=4, batch_size=64))
+
+
+@pytest.mark.parametrize("text, expected", [("2", (None, 2)), ("1-4", (1, 4)), (" 3 ", (None, 3)), ("2-2", (2, 2))])
+def test_workers_is_a_count_or_an_elastic_range(text, expected):
+    from mnist_dist.config import parse_workers
+
+    assert parse_workers(text) == expected
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"workers": "two"}, "--workers 'two' must be a number"),
+    ({"workers": "4-1"}, "--workers 4-1: the range must be MIN-MAX with 1 <= MIN <= MAX"),
+    ({"workers": "0-2"}, "--workers 0-2: the range must be MIN-MAX"),
+    ({"checkpoint_every": "soon"}, "--checkpoint-every 'soon' must be a number of steps"),
+    ({"checkpoint_every": "-5s"}, "--checkpoint-every '-5s' must be >= 0"),
+    ({"resize_interval": 0.0}, "--resize-interval must be > 0"),
+])
+def test_bad_elastic_and_checkpoint_settings_are_one_line(values, message):
+    from mnist_dist.config import parse_workers
+
+    with pytest.raises(ConfigError, match=message):
+        if "workers" in values:
+            low, high = parse_workers(values["workers"])
+            values = {"min_workers": low, "workers": high}
+        TrainConfig(**values).validate()
+
+
+def test_an_elastic_range_keeps_the_global_batch_of_its_max():
+    config = TrainConfig(workers=4, min_workers=1, batch_size=64).validate()
+    assert config.elastic and config.worker_range == "1-4" and config.global_batch_size == 256
+    assert not TrainConfig(workers=2, min_workers=2).elastic
+    assert TrainConfig(checkpoint_every="500").checkpoint_interval == (500, 0.0)
+    assert TrainConfig(checkpoint_every="30s").checkpoint_interval == (0, 30.0)
+    assert TrainConfig(checkpoint_every="0").checkpoint_interval == (0, 0.0)
 
 
 def test_train_on_a_finished_run_starts_nothing(tmp_path, capsys):

@@ -90,6 +90,10 @@ LOCAL_RAY_TRAIN_ENV = {
     # workers (2 s by default); docs/benchmarks.md#start-up-bench-startup has the figures.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
+# A drain without a deadline: Ray Train tears the group down this long after it saw the drain
+# (ray.train.v2._internal.constants.DEFAULT_PREEMPTION_DEADLINE_S, not public); the workers
+# wait that long after their just-in-time checkpoint (mnist_dist.spot).
+RAY_PREEMPTION_DEFAULT_DEADLINE_S = 120.0
 # Without the dashboard there is no State API for Ray Train's state actor to poll.
 NO_DASHBOARD_ENV = {"RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0"}
 # Ray 2.60 has no bind-address option. Its single-node mode, read once when `ray` is

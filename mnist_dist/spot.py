@@ -1,0 +1,134 @@
+"""Spot-ready training: when the workers take a step checkpoint, and the record of each
+interruption (docs/spot.md).
+
+At every train-function call boundary the workers agree, with two small collectives, on
+what to do next: go on, take a periodic step checkpoint, or take one and stop for a
+preemption notice or for a larger group that Ray is about to start. A Ray resize restarts
+the worker group from its latest checkpoint, so a checkpoint at the step where it happens
+is what makes a resize cheap.
+
+Rank 0 keeps `progress.json` in the run: how far the group got, and the group's history
+(`resizes`, `lost_steps`), which result.json reports.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mnist_dist.config import TrainConfig
+from mnist_dist.store import Location
+
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 1.0  # how often rank 0 records its step: a hard kill loses at most this much unrecorded
+# A group that stopped for a notice or a resize and was not torn down after this long past the
+# deadline (a drain cancelled, no resize after all) trains on.
+WAIT_MARGIN_S = 30.0
+
+
+def new_command_id() -> str:
+    """Tells one command's worker groups from the next command's (a re-run of the same --name)."""
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True)
+class Decision:
+    checkpoint: bool = False
+    stop: str | None = None  # "preemption" or "grow": stop after the checkpoint until Ray restarts the group
+    deadline: float | None = None  # when to give up waiting and train on (time.time())
+
+
+class Watch:
+    """Decides, identically on every worker, what to do at each call boundary."""
+
+    def __init__(self, config: TrainConfig, session, start_step: int):
+        self.config, self.session = config, session
+        self.every_steps, self.every_seconds = config.checkpoint_interval
+        self.last_step, self.last_time = start_step, time.monotonic()
+        self.quiet_until = 0.0  # after a resize that did not come, no other grow attempt until then
+        self.checked_capacity = 0.0
+
+    def boundaries(self) -> int:
+        """Steps that every call boundary aligns to, for step-counted checkpoints (0: none)."""
+        return self.every_steps
+
+    def at_boundary(self, step: int) -> Decision:
+        if step == self.last_step:
+            return Decision()
+        deadline = self.session.preemption_deadline()  # collective
+        if deadline is not None:
+            return Decision(True, "preemption", deadline + WAIT_MARGIN_S)
+        proposal = self.rank0_proposal(step) if self.session.rank == 0 else {}
+        agreed = self.session.agree(proposal)  # collective: rank 0's proposal
+        if agreed.get("grow"):
+            return Decision(True, "grow", time.time() + self.config.resize_interval + WAIT_MARGIN_S)
+        return Decision(checkpoint=bool(agreed.get("periodic")))
+
+    def rank0_proposal(self, step: int) -> dict[str, Any]:
+        now = time.monotonic()
+        periodic = (self.every_steps and step % self.every_steps == 0) or \
+                   (self.every_seconds and now - self.last_time >= self.every_seconds)
+        grow = False
+        if self.config.elastic and now >= self.quiet_until and now - self.checked_capacity >= 1.0:
+            self.checked_capacity = now
+            grow = self.session.world_size < self.config.workers and self.session.can_place_another_worker()
+        return {"periodic": bool(periodic), "grow": grow}
+
+    def checkpointed(self, step: int) -> None:
+        self.last_step, self.last_time = step, time.monotonic()
+
+    def resumed_without_restart(self, decision: Decision) -> None:
+        """The stop was not followed by a restart: no new grow attempt for a while."""
+        self.quiet_until = time.monotonic() + 2 * self.config.resize_interval
+
+
+class Progress:
+    """Rank 0's record of the run across worker groups, in `progress.json`."""
+
+    def __init__(self, run: Location, command_id: str, workers: int):
+        self.location = run / PROGRESS_FILE
+        self.command_id, self.workers = command_id, workers
+        self.record: dict[str, Any] = {}
+        self.written_at = 0.0
+
+    def start(self, restored_step: int, restored: bool) -> dict[str, Any]:
+        """The entry this group adds to `resizes`, with the steps it must train again."""
+        try:
+            previous = self.location.read_json()
+        except ValueError:  # cut off: a hard kill mid-write on a store without atomic puts
+            previous = None
+        if previous is None or (not restored and previous.get("command") != self.command_id):
+            reason, resizes, lost = "start", [], 0  # a new run, or a new command over one without checkpoints
+        else:
+            resizes, lost = list(previous.get("resizes", [])), int(previous.get("lost_steps", 0))
+            lost += max(0, int(previous.get("global_step", restored_step)) - restored_step)
+            if previous.get("command") != self.command_id:
+                reason = "start"  # a new command resumed the run
+            elif previous.get("stopping") in ("preemption", "grow"):
+                reason = previous["stopping"]
+            else:
+                reason = "grow" if self.workers > int(previous.get("workers", self.workers)) else "failure"
+        entry = {"global_step": restored_step, "workers": self.workers, "reason": reason}
+        self.record = {"command": self.command_id, "workers": self.workers, "global_step": restored_step,
+                       "resizes": resizes + [entry], "lost_steps": lost, "stopping": None}
+        self.write()
+        return entry
+
+    def step(self, global_step: int, stopping: str | None = None, force: bool = False) -> None:
+        self.record.update(global_step=global_step, stopping=stopping)
+        if force or time.monotonic() - self.written_at >= PROGRESS_EVERY_S:
+            self.write()
+
+    def write(self) -> None:
+        self.location.write_json(self.record)
+        self.written_at = time.monotonic()
+
+
+def read(run: Location) -> dict[str, Any]:
+    """`resizes` and `lost_steps` of a run, for result.json."""
+    try:
+        record = (run / PROGRESS_FILE).read_json() or {}
+    except ValueError:
+        record = {}
+    return {"resizes": record.get("resizes", []), "lost_steps": record.get("lost_steps", 0)}

@@ -199,6 +199,8 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
     DataParallelTrainer = compat.data_parallel_trainer()
 
     started = time.perf_counter()
+    if config.elastic:  # propagated from the driver to Ray Train's controller
+        compat.set_default_env(compat.ELASTIC_RAY_TRAIN_ENV)
     init_ray(config)
     import ray
 

@@ -137,8 +137,10 @@ class Trainer:
         config, strategy, session = self.config, self.strategy, self.session
         if self.start_epoch == 0:
             self.say(self.data.describe())
-            self.say(f"model {config.model}: {self.model.count_params():,} parameters; {session.world_size} worker(s) x batch "
-                     f"{config.batch_size} = global batch {self.global_batch}; {self.steps_per_epoch} steps/epoch; "
+            split = (f"{session.world_size} worker(s) x batch {config.batch_size}" if session.world_size == config.workers
+                     else f"{session.world_size} worker(s) of {config.worker_range}, about {self.global_batch // session.world_size} each,")
+            self.say(f"model {config.model}: {self.model.count_params():,} parameters; {split} = global batch {self.global_batch}; "
+                     f"{self.steps_per_epoch} steps/epoch; "
                      f"precision {config.precision}"
                      + gradients.describe(self.model, config.batch_size, strategy.num_replicas_in_sync, self.allreduce))
             if config.precision == "bf16" and not config.gpus_per_worker and (warning := machine.slow_bf16_warning()):
@@ -190,7 +192,8 @@ class Trainer:
                 pause_start = time.perf_counter()
                 if self.between_calls(at, losses, pause_start - epoch_start - paused):
                     interval_steps, interval_start = 0, time.perf_counter()
-                paused += time.perf_counter() - pause_start
+                # The checks themselves are part of training; a checkpoint or a wait is not.
+                paused += time.perf_counter() - pause_start - self.watch.last_check
             if self.progress:
                 self.progress.step(at)
         return time.perf_counter() - epoch_start - paused, losses, probes
@@ -201,7 +204,11 @@ class Trainer:
         if not decision.checkpoint:
             return False
         self.save_step(at, losses, epoch_seconds, decision.stop)
-        if decision.stop:
+        if decision.stop == "notice":
+            left = self.watch.notice - time.time()
+            self.say(f"a node of this group is being reclaimed in {left:.0f} s: step checkpoint at global step {at} taken; "
+                     "training on until just before the deadline")
+        elif decision.stop:
             why = "a node of this group is being reclaimed" if decision.stop == "preemption" else "the cluster has room for more workers"
             self.say(f"{why}: step checkpoint at global step {at} taken; waiting for Ray to restart the worker group")
             while time.time() < decision.deadline:
@@ -216,15 +223,18 @@ class Trainer:
         """A checkpoint in the middle of an epoch: weights, optimizer, global step, and the epoch's
         loss and seconds so far; the data order follows from the step (tfdata.train_dataset)."""
         loss_sum = float(self.worker_sum(np.array([sum(float(x) for x in losses)], np.float32))[0])
+        self.sync_statistics()  # batch-norm moving statistics: every replica's copy alike, as at an epoch end
         state = {"epoch": len(self.history), "global_step": at, "kind": "step", "history": self.history,
                  "train_seconds": self.train_seconds, "partial": {"loss_sum": loss_sum, "seconds": epoch_seconds},
-                 "stopped_for": stop}
+                 "stopped_for": None if stop == "notice" else stop}
         metrics = {"kind": "step", "epoch": len(self.history), "global_step": at,
                    "val_accuracy": float("nan")}  # NaN: Ray's CheckpointConfig ranks it below every epoch
+        started = time.monotonic()
         self.write_checkpoint(state, metrics, step_checkpoint_name(at))
-        self.watch.checkpointed(at)
+        self.watch.checkpointed(at, time.monotonic() - started)
+        stopping = None if stop == "notice" else stop
         if self.progress:
-            self.progress.step(at, stopping=stop, force=True)
+            self.progress.step(at, stopping=stopping, force=True)
         if not stop:
             self.say(f"step checkpoint at global step {at}")
 
@@ -252,6 +262,7 @@ class Trainer:
             "epoch_train_seconds": epoch_seconds, "train_seconds": self.train_seconds,
             "images_per_second": self.steps_per_epoch * self.global_batch / epoch_seconds,
             "finished_at": time.time(),  # so that a resumed run's time line counts only its own epochs
+            **self.watch.cost(),  # the call-boundary collectives of mnist_dist.spot (docs/benchmarks.md)
         }
         check_finite(metrics["train_loss"] + val_loss, at, config, epoch)
         if config.probe_test:

@@ -35,12 +35,20 @@ def new_command_id() -> str:
 @dataclass(frozen=True)
 class Decision:
     checkpoint: bool = False
-    stop: str | None = None  # "preemption" or "grow": stop after the checkpoint until Ray restarts the group
+    # "preemption" or "grow": stop after the checkpoint until Ray restarts the group; "notice":
+    # a preemption notice's first checkpoint, after which the group trains on.
+    stop: str | None = None
     deadline: float | None = None  # when to give up waiting and train on (time.time())
 
 
 class Watch:
-    """Decides, identically on every worker, what to do at each call boundary."""
+    """Decides, identically on every worker, what to do at each call boundary.
+
+    A preemption notice gets a checkpoint at once (the node may go before its deadline),
+    then the group trains on through the notice and takes a last checkpoint when the time
+    left is about what a call and a checkpoint take, twice over; it then waits for Ray Train,
+    which stops the group at the deadline. Steps lost: none, unless the node goes early.
+    """
 
     def __init__(self, config: TrainConfig, session, start_step: int):
         self.config, self.session = config, session
@@ -48,25 +56,46 @@ class Watch:
         self.last_step, self.last_time = start_step, time.monotonic()
         self.quiet_until = 0.0  # after a resize that did not come, no other grow attempt until then
         self.checked_capacity = 0.0
+        self.notice: float | None = None  # the preemption deadline (time.time()), once told
+        self.boundary_at, self.longest_call, self.longest_checkpoint = time.monotonic(), 0.0, 0.0
+        self.checks, self.check_seconds = 0, 0.0  # the collectives' count and cost, for the epoch's metrics
+        self.last_check = 0.0
 
     def boundaries(self) -> int:
         """Steps that every call boundary aligns to, for step-counted checkpoints (0: none)."""
         return self.every_steps
 
     def at_boundary(self, step: int) -> Decision:
+        now = time.monotonic()
+        self.longest_call, self.boundary_at = max(self.longest_call, now - self.boundary_at), now
+        self.last_check = 0.0
         if step == self.last_step:
             return Decision()
-        deadline = self.session.preemption_deadline()  # collective
-        if deadline is not None:
-            return Decision(True, "preemption", deadline + WAIT_MARGIN_S)
+        try:
+            return self._decide(step)
+        finally:
+            self.last_check = time.monotonic() - now
+            self.checks += 1
+            self.check_seconds += self.last_check
+
+    def _decide(self, step: int) -> Decision:
+        if self.notice is None:
+            self.notice = self.session.preemption_deadline()  # collective
+            if self.notice is not None:
+                return Decision(checkpoint=True, stop="notice")
         proposal = self.rank0_proposal(step) if self.session.rank == 0 else {}
         agreed = self.session.agree(proposal)  # collective: rank 0's proposal
+        if agreed.get("last"):
+            return Decision(True, "preemption", self.notice + WAIT_MARGIN_S)
         if agreed.get("grow"):
             return Decision(True, "grow", time.time() + self.config.resize_interval + WAIT_MARGIN_S)
         return Decision(checkpoint=bool(agreed.get("periodic")))
 
     def rank0_proposal(self, step: int) -> dict[str, Any]:
         now = time.monotonic()
+        if self.notice is not None:
+            left = self.notice - time.time()
+            return {"last": left <= 2 * (self.longest_call + self.longest_checkpoint) + 1.0}
         periodic = (self.every_steps and step % self.every_steps == 0) or \
                    (self.every_seconds and now - self.last_time >= self.every_seconds)
         grow = False
@@ -75,12 +104,22 @@ class Watch:
             grow = self.session.world_size < self.config.workers and self.session.can_place_another_worker()
         return {"periodic": bool(periodic), "grow": grow}
 
-    def checkpointed(self, step: int) -> None:
+    def cost(self) -> dict[str, float]:
+        """The checks since the last call, for an epoch's metrics; then starts counting again."""
+        cost = {"spot_checks": self.checks, "spot_check_seconds": self.check_seconds}
+        self.checks, self.check_seconds = 0, 0.0
+        return cost
+
+    def checkpointed(self, step: int, seconds: float = 0.0) -> None:
         self.last_step, self.last_time = step, time.monotonic()
+        self.longest_checkpoint = max(self.longest_checkpoint, seconds)
+        self.boundary_at = self.last_time  # the checkpoint is not a call's time
 
     def resumed_without_restart(self, decision: Decision) -> None:
-        """The stop was not followed by a restart: no new grow attempt for a while."""
+        """The stop was not followed by a restart: no new grow attempt for a while, and a
+        notice whose deadline passed is over."""
         self.quiet_until = time.monotonic() + 2 * self.config.resize_interval
+        self.notice = None
 
 
 class Progress:

@@ -2,11 +2,13 @@
 head that runs no training, two worker nodes, `ray job submit`, and a whole node killed."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -98,3 +100,124 @@ def test_a_job_on_two_worker_nodes_survives_losing_a_whole_node(cluster, tmp_pat
     for checkpoint in sorted(run_dir.glob("checkpoint_epoch*")):  # the replicas stayed identical across the restart
         digests = {json.loads(p.read_text())["weights_sha256"] for p in checkpoint.glob("replica-*.json")}
         assert len(digests) == 1, checkpoint
+
+
+def read_progress(run_dir):
+    try:
+        return json.loads((run_dir / "progress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def weights(checkpoint):
+    from mnist_dist.checkpoint import load_model
+
+    return load_model(checkpoint)[0].get_weights()
+
+
+@pytest.fixture
+def spot_cluster(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    # Read by Ray Train's controller and preemption watcher, in the cluster's processes.
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    from test_jobs import free_port
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port()})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    session = cluster.head_node.get_session_dir_path()
+    try:
+        yield cluster, nodes
+    finally:
+        try:
+            cluster.shutdown()
+        finally:  # a node the test killed can leave Cluster.shutdown short of the others
+            subprocess.run(["pkill", "-9", "-f", session], check=False)
+
+
+def test_a_spot_run_loses_no_step_to_a_preemption_and_grows_back_to_the_same_weights(spot_cluster, tmp_path, mnist_dir):
+    """2 workers -> a drained node (a spot notice, 20 s) -> 1 worker -> a node joins -> 2 workers,
+    against an uninterrupted 2-worker run. Prints the figures docs/spot.md quotes."""
+    cluster, nodes = spot_cluster
+    pids, storage = tmp_path / "ranks", tmp_path / "runs"
+    pids.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)} | {
+        "MNIST_DATA_DIR": str(mnist_dir), "MNIST_DIST_PID_DIR": str(pids)}
+    # Long enough to train through the 20 s notice and a restart: 3,000 steps.
+    epochs = 10
+    common = ["--preset", "smoke", "--address", cluster.address, "--epochs", str(epochs), "--train-limit", "38400",
+              "--val-size", "1000", "--eval-every", "100", "--checkpoint-every", "0", "--keep", "10", "--storage", str(storage),
+              "--max-int8-drop", "5"]
+    log = open(tmp_path / "spot.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "pipeline", *common, "--name", "spot",
+                               "--workers", "1-2", "--resize-interval", "5"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    run_dir = storage / "spot"
+    try:
+        steps_per_epoch = 300  # 38,400 images / global batch 128
+        wait_for(lambda: driver.poll() is None and read_progress(run_dir).get("global_step", 0) >= steps_per_epoch + 30,
+                 "training in epoch 2", 300)
+        victim_id = (pids / "rank1.node").read_text()
+        victim = next(node for node in nodes if node.node_id == victim_id)
+        drained_at = time.time()
+        # The spot pods' preStop hook (k8s/overlays/gpu-spot), as the kubelet runs it on a reclaim;
+        # in a pod it finds its node itself, here every node has the same address.
+        drain = subprocess.Popen(["bash", str(ROOT / "scripts" / "spot-drain.sh"), "20"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True,
+                                 env=env | {"RAY_ADDRESS": cluster.address, "RAY_NODE_ID": victim_id})
+        wait_for(lambda: read_progress(run_dir).get("stopping") == "preemption", "just-in-time checkpoint", 30)
+        stopped_at, jit_step = time.time(), read_progress(run_dir)["global_step"]
+        assert (run_dir / f"checkpoint_step{jit_step:08d}" / "state.json").is_file()
+        assert jit_step % steps_per_epoch, "the notice came mid-epoch"
+        # The cloud takes the VM at the deadline (Ray leaves that to the caller); Ray Train has by
+        # then stopped the group and counted a preemption, and the drained node, idle, may be gone already.
+        time.sleep(max(0.0, drained_at + 20 - time.time()))
+        cluster.remove_node(victim, allow_graceful=False)
+        assert drain.wait(timeout=60) == 0 and "drains; Ray Train stops its workers within 20 s" in drain.stdout.read()
+
+        def training_on(workers, past):
+            progress = read_progress(run_dir)
+            return progress.get("workers") == workers and progress.get("global_step", 0) > past
+        wait_for(lambda: training_on(1, jit_step), "training on the remaining worker", 180)
+        trained_through, back_after = stopped_at - drained_at, time.time() - stopped_at
+        one_worker_step = read_progress(run_dir)["global_step"]
+
+        joined_at = time.time()
+        cluster.add_node(num_cpus=1)
+        wait_for(lambda: training_on(2, one_worker_step), "training on the grown group", 120)
+        grown_after = time.time() - joined_at
+        assert driver.wait(timeout=600) == 0, (tmp_path / "spot.log").read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    logs = (tmp_path / "spot.log").read_text()
+    result = json.loads((run_dir / "result.json").read_text())
+    resizes = result["resizes"]
+    assert [(r["reason"], r["workers"]) for r in resizes] == [("start", 2), ("preemption", 1), ("grow", 2)], resizes
+    assert resizes[1]["global_step"] == jit_step and result["lost_steps"] <= 1
+    assert [h["epoch"] for h in result["history"]] == list(range(1, epochs + 1))
+    for epoch in range(1, epochs + 1):  # every epoch trained once
+        assert logs.count(f"epoch {epoch}/{epochs}: validation accuracy") == 1, logs[-4000:]
+    assert json.loads((run_dir / "export" / "report.json").read_text())["verified"] is True
+    # A checkpoint at the notice, training through it, and the last one just before the deadline.
+    noticed = re.search(r"being reclaimed in \d+ s: step checkpoint at global step (\d+) taken", logs)
+    assert noticed and int(noticed.group(1)) < jit_step, logs[-4000:]
+    print(f"\nspot figures: a 20 s notice at global step {int(noticed.group(1))}; trained on for {trained_through:.1f} s "
+          f"to global step {jit_step}; lost steps {result['lost_steps']}; {back_after:.1f} s from that last checkpoint to "
+          f"training on 1 worker; {grown_after:.1f} s from a node joining to training on 2 (resizes {resizes})", flush=True)
+
+    # The same weights as an uninterrupted 2-worker run of the same seed (SGD: the bound of test_loop.py).
+    reference = subprocess.run([sys.executable, "-m", "mnist_dist.cli", "train", *common[:-2], "--name", "fixed",
+                                "--workers", "2"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    last = f"checkpoint_epoch{epochs:03d}"
+    spot, fixed = weights(run_dir / last), weights(storage / "fixed" / last)
+    first = weights(storage / "fixed" / "checkpoint_epoch001")  # the scale: how far training moved the weights after it
+    movement = max(float(np.abs(a - b).max()) for a, b in zip(fixed, first))
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(spot, fixed))
+    print(f"spot vs uninterrupted weights: max difference {difference:.2e}, movement since epoch 1 {movement:.2e}", flush=True)
+    assert difference <= 1e-3 * movement

@@ -89,7 +89,8 @@ def test_keras_still_imports_matplotlib_only_optionally():
     assert guarded, f"{compat.KERAS_MATPLOTLIB_MODULE} no longer imports matplotlib inside try/except ImportError"
 
 
-@pytest.mark.parametrize("name", [*compat.LOCAL_RAY_TRAIN_ENV, *compat.NO_DASHBOARD_ENV, *compat.LOOPBACK_ENV])
+@pytest.mark.parametrize("name", [*compat.LOCAL_RAY_TRAIN_ENV, *compat.NO_DASHBOARD_ENV, *compat.LOOPBACK_ENV,
+                                  *compat.ELASTIC_RAY_TRAIN_ENV])
 def test_ray_still_reads_each_environment_setting(name):
     import ray
 

@@ -88,6 +88,14 @@ def settings(by_kind) -> dict[str, str]:
     return by_kind["ConfigMap"]["data"]
 
 
+def settings_of(overlay: str) -> dict[str, str]:
+    return settings({doc["kind"]: doc for doc in render(K8S / "overlays" / overlay)})
+
+
+def elastic(rayjob) -> bool:
+    return rayjob["spec"]["rayClusterSpec"].get("enableInTreeAutoscaling", False)
+
+
 def test_every_overlay_renders_the_expected_objects(rendered):
     name, by_kind, docs = rendered
     expected = ["ConfigMap", "RayJob", "ServiceAccount"] + ([] if name == "s3" else ["PersistentVolumeClaim"])
@@ -156,7 +164,8 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
         context = pod["securityContext"]
         assert context["runAsNonRoot"] is True and context["runAsUser"] != 0, where
         assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        assert pod["automountServiceAccountToken"] is False, where  # no API token in a pod that needs none
+        # No API token in a pod that needs none; the head of an elastic group runs KubeRay's autoscaler, which does.
+        assert pod["automountServiceAccountToken"] is (name == "head" and elastic(by_kind["RayJob"])), where
         assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod), where
         assert all(set(v) <= {"name", "persistentVolumeClaim", "configMap", "secret", "emptyDir"}
                    for v in pod.get("volumes", [])), where  # no hostPath
@@ -166,6 +175,10 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
             assert security["capabilities"] == {"drop": ["ALL"]}, where
             assert security.get("runAsUser", context["runAsUser"]) != 0, where
             assert "seccompProfile" not in security or security["seccompProfile"]["type"] == "RuntimeDefault", where
+    if elastic(by_kind["RayJob"]):  # the operator builds the autoscaler's container with this securityContext
+        security = by_kind["RayJob"]["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
+        assert security["runAsNonRoot"] is True and security["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
 def test_what_ray_is_told_is_what_each_pod_gets(rendered):
@@ -209,8 +222,13 @@ def test_settings_reach_replicas_ray_and_the_pods_in_every_overlay(rendered):
     name, by_kind, _docs = rendered
     config = settings(by_kind)
     (group,) = by_kind["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    workers, cpus, gpus = int(config["MNIST_WORKERS"]), int(config["MNIST_CPUS_PER_WORKER"]), int(config["MNIST_GPUS_PER_WORKER"])
-    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == workers
+    from mnist_dist.config import parse_workers
+
+    (low, workers), cpus, gpus = (parse_workers(config["MNIST_WORKERS"]), int(config["MNIST_CPUS_PER_WORKER"]),
+                                  int(config["MNIST_GPUS_PER_WORKER"]))
+    # A range MIN-MAX: MAX pods asked for, the autoscaler may go down to MIN (components/elastic).
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (low or workers, workers, workers)
+    assert elastic(by_kind["RayJob"]) == (low is not None)
     params = ray_start_params(group, "worker")
     resources = group["template"]["spec"]["containers"][0]["resources"]
     assert int(params["num-cpus"]) == cpus == quantity(resources["limits"]["cpu"]) == quantity(resources["requests"]["cpu"])
@@ -229,7 +247,8 @@ def test_every_overlay_ends_with_the_wiring():
     """Without it, an overlay's settings change the ConfigMap but not the RayJob."""
     for overlay in OVERLAYS:
         kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
-        assert kustomization["transformers"][-1] == "../../wiring", overlay
+        wiring = "../../wiring/elastic" if "-" in settings_of(overlay).get("MNIST_WORKERS", "") else "../../wiring"
+        assert kustomization["transformers"][-1] == wiring, overlay
     assert yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["transformers"] == ["../wiring"]
 
 
@@ -249,7 +268,7 @@ def test_gpus_on_workers_only_and_the_gpu_image_on_workers_only(rendered):
             assert quantity(container["resources"]["limits"]["memory"]) >= 8 * 2**30  # TensorFlow on a GPU + raylet
         else:
             assert container["image"] == CPU_IMAGE and "tolerations" not in pod
-    assert gpu == (name in ("gpu", "scratch-gpu-3x2"))
+    assert gpu == (name in ("gpu", "gpu-spot", "scratch-gpu-3x2"))
 
 
 def test_head_ports_are_the_ones_ray_listens_on(rendered):
@@ -434,3 +453,22 @@ def test_the_gpu_image_extra_resolves_for_the_images_python(tmp_path, wheel):
     assert versions["tensorflow"].startswith("2.21.") and "tensorflow-cpu" not in versions
     assert {"nvidia-cudnn-cu12", "nvidia-nccl-cu12", "nvidia-cublas-cu12"} <= set(versions)  # tensorflow[and-cuda]
     assert versions["ray"].startswith("2.60.") and versions["keras"].startswith("3.")
+
+
+def test_the_spot_overlay_puts_an_elastic_group_on_every_clouds_spot_nodes_and_drains_before_it_stops():
+    by_kind = {doc["kind"]: doc for doc in render(K8S / "overlays" / "gpu-spot")}
+    spec = by_kind["RayJob"]["spec"]["rayClusterSpec"]
+    (group,) = spec["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    labels = {(t["matchExpressions"][0]["key"], t["matchExpressions"][0]["values"][0]) for t in terms}
+    assert labels == {("eks.amazonaws.com/capacityType", "SPOT"), ("karpenter.sh/capacity-type", "spot"),
+                      ("cloud.google.com/gke-spot", "true"), ("kubernetes.azure.com/scalesetpriority", "spot")}
+    tolerated = {(t["key"], t.get("value")) for t in pod["tolerations"]}
+    assert {("cloud.google.com/gke-spot", "true"), ("kubernetes.azure.com/scalesetpriority", "spot")} <= tolerated
+    (container,) = pod["containers"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["bash", "/app/scripts/spot-drain.sh"]
+    notice = int(settings(by_kind)["MNIST_SPOT_NOTICE_SECONDS"])
+    assert notice + 5 <= pod["terminationGracePeriodSeconds"]  # the hook's drain and wait fit in the grace period
+    assert spec["enableInTreeAutoscaling"] is True and group["minReplicas"] < group["maxReplicas"]
+    assert "COPY --chown=1000:100 scripts ./scripts" in (K8S / "image" / "Dockerfile").read_text()

@@ -84,7 +84,9 @@ def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers
         if proc.returncode:
             raise RuntimeError(f"`{' '.join(command)}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         result = json.loads((Path(storage) / "bench" / "result.json").read_text())
-    return {"img_s": result["history"][-1]["images_per_second"], "wall_seconds": wall,
+    last = result["history"][-1]
+    return {"img_s": last["images_per_second"], "wall_seconds": wall,
+            "spot_check_ms": 1000 * last.get("spot_check_seconds", 0.0) / max(1, last.get("spot_checks", 0)),
             "train_seconds": result["train_seconds"], "startup_overhead_seconds": wall - result["train_seconds"],
             "cpus_per_worker": cpus}
 
@@ -143,11 +145,11 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
             log(f"[{'round %d, ' % round_number if rounds > 1 else ''}{number}/{len(plan)}] {name} ...")
             runs[name].append(measure())
     setups, ratios = summarize(runs)
-    table(["setup", "img/s", "vs plain fit", "wall s", "of which training s", "start-up overhead s"]
+    table(["setup", "img/s", "vs plain fit", "wall s", "of which training s", "start-up overhead s", "spot check ms/call"]
           + (["img/s of each round"] if rounds > 1 else []),
           [[name, f"{s['img_s']:,.0f}", f"{ratios[name]:.2f}x",
-            *([f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}", f"{s['startup_overhead_seconds']:.1f}"]
-              if "wall_seconds" in s else ["", "", ""]),
+            *([f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}", f"{s['startup_overhead_seconds']:.1f}",
+               f"{s['spot_check_ms']:.2f}"] if "wall_seconds" in s else ["", "", "", ""]),
             *([" / ".join(f"{x:,.0f}" for x in s["img_s_runs"])] if rounds > 1 else [])] for name, s in setups.items()], log)
     payload = {"benchmark": "train", "machine": machine, "model": model, "global_batch": global_batch,
                "precision": precision, "allreduce": reduced_in, "steps": steps, "rounds": rounds, "setups": setups,

@@ -90,6 +90,11 @@ LOCAL_RAY_TRAIN_ENV = {
     # workers (2 s by default); docs/benchmarks.md#start-up-bench-startup has the figures.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
+# An elastic group restarts only once Ray Train has seen room for it, so its placement group
+# should be placed at once. After a preemption Ray Train still counts the drained node, which
+# is alive until the cloud takes it, and waits this long (60 s by default) for a group that
+# cannot be placed before it tries a smaller one (docs/spot.md).
+ELASTIC_RAY_TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 # A drain without a deadline: Ray Train tears the group down this long after it saw the drain
 # (ray.train.v2._internal.constants.DEFAULT_PREEMPTION_DEADLINE_S, not public); the workers
 # wait that long after their just-in-time checkpoint (mnist_dist.spot).

@@ -61,6 +61,9 @@ def worker_main(loop_config: dict[str, Any]) -> None:
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
     if plan.use_gpu and session.rank == 0:
         process_setup.console(process_setup.gpu_line(plan, process_setup.cluster_size()))
+    from mnist_dist.compat import ray_backend
+
+    ray_backend.release_port()  # held since the backend chose it, so no other worker on the node got it too
     strategy = process_setup.make_strategy(plan)
     from mnist_dist.loop import Trainer, TrainingDiverged
 

@@ -23,7 +23,7 @@ from mnist_dist.results import best_epoch
 from mnist_dist.scoring import make_evaluator, make_worker_sum
 from mnist_dist.sessions import Session, epoch_checkpoint_name, step_checkpoint_name
 from mnist_dist.summaries import SUBDIR, Summaries
-from mnist_dist.tfdata import distributed_chunks
+from mnist_dist.tfdata import distributed_chunks, replica_slices
 
 
 class TrainingDiverged(MnistDistError):
@@ -142,7 +142,8 @@ class Trainer:
             self.say(f"model {config.model}: {self.model.count_params():,} parameters; {split} = global batch {self.global_batch}; "
                      f"{self.steps_per_epoch} steps/epoch; "
                      f"precision {config.precision}"
-                     + gradients.describe(self.model, config.batch_size, strategy.num_replicas_in_sync, self.allreduce))
+                     + gradients.describe(self.model, replica_slices(self.global_batch, strategy.num_replicas_in_sync)[1],
+                                          strategy.num_replicas_in_sync, self.allreduce))
             if config.precision == "bf16" and not config.gpus_per_worker and (warning := machine.slow_bf16_warning()):
                 self.say(warning)
         self.train_step = step.make_train_step(strategy, self.model, self.optimizer, self.global_batch, self.allreduce)
@@ -227,16 +228,18 @@ class Trainer:
         state = {"epoch": len(self.history), "global_step": at, "kind": "step", "history": self.history,
                  "train_seconds": self.train_seconds, "partial": {"loss_sum": loss_sum, "seconds": epoch_seconds},
                  "stopped_for": None if stop == "notice" else stop}
-        metrics = {"kind": "step", "epoch": len(self.history), "global_step": at,
-                   "val_accuracy": float("nan")}  # NaN: Ray's CheckpointConfig ranks it below every epoch
+        # -1, below any accuracy: Ray's CheckpointConfig ranks a step checkpoint below every epoch's.
+        # (Not NaN: Ray's checkpoint snapshot stores it as null, and a resumed run cannot rank null.)
+        metrics = {"kind": "step", "epoch": len(self.history), "global_step": at, "val_accuracy": -1.0}
         started = time.monotonic()
         self.write_checkpoint(state, metrics, step_checkpoint_name(at))
-        self.watch.checkpointed(at, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        self.watch.checkpointed(at, seconds)
         stopping = None if stop == "notice" else stop
         if self.progress:
             self.progress.step(at, stopping=stopping, force=True)
         if not stop:
-            self.say(f"step checkpoint at global step {at}")
+            self.say(f"step checkpoint at global step {at} ({seconds:.2f} s)")
 
     def progress_line(self, at: int, loss: float, error: float, val_acc: float, steps: int, elapsed: float) -> None:
         lr = step.current_lr(self.optimizer)

@@ -21,6 +21,7 @@ from mnist_dist.config import TrainConfig
 from mnist_dist.store import Location
 
 PROGRESS_FILE = "progress.json"
+CHECK_EVERY_S = 1.0  # how often the workers check for a notice, a periodic checkpoint or room to grow
 PROGRESS_EVERY_S = 1.0  # how often rank 0 records its step: a hard kill loses at most this much unrecorded
 # A group that stopped for a notice or a resize and was not torn down after this long past the
 # deadline (a drain cancelled, no resize after all) trains on.
@@ -44,9 +45,11 @@ class Decision:
 class Watch:
     """Decides, identically on every worker, what to do at each call boundary.
 
-    A preemption notice gets a checkpoint at once (the node may go before its deadline),
-    then the group trains on through the notice and takes a last checkpoint when the time
-    left is about what a call and a checkpoint take, twice over; it then waits for Ray Train,
+    The two collectives run about once a second: rank 0 tells the others how many calls to
+    skip until the next check, from how long its calls take. A preemption notice gets a
+    checkpoint at once (the node may go before its deadline); the group then trains on
+    through the notice and takes a last checkpoint when the time left is about what the
+    calls between two checks and a checkpoint take, twice over, and waits for Ray Train,
     which stops the group at the deadline. Steps lost: none, unless the node goes early.
     """
 
@@ -57,7 +60,9 @@ class Watch:
         self.quiet_until = 0.0  # after a resize that did not come, no other grow attempt until then
         self.checked_capacity = 0.0
         self.notice: float | None = None  # the preemption deadline (time.time()), once told
-        self.boundary_at, self.longest_call, self.longest_checkpoint = time.monotonic(), 0.0, 0.0
+        self.skip = 0  # calls until the next check, as rank 0 last said
+        self.calls_since, self.checked_at = 0, time.monotonic()
+        self.between_checks, self.longest_checkpoint = 0.0, 0.0
         self.checks, self.check_seconds = 0, 0.0  # the collectives' count and cost, for the epoch's metrics
         self.last_check = 0.0
 
@@ -66,43 +71,53 @@ class Watch:
         return self.every_steps
 
     def at_boundary(self, step: int) -> Decision:
-        now = time.monotonic()
-        self.longest_call, self.boundary_at = max(self.longest_call, now - self.boundary_at), now
         self.last_check = 0.0
         if step == self.last_step:
             return Decision()
+        periodic_steps = bool(self.every_steps and step % self.every_steps == 0)  # the same on every worker
+        self.calls_since += 1
+        if self.skip > 0:
+            self.skip -= 1
+            return Decision(checkpoint=periodic_steps)
+        now = time.monotonic()
         try:
-            return self._decide(step)
+            decision = self._decide(step)
         finally:
             self.last_check = time.monotonic() - now
             self.checks += 1
             self.check_seconds += self.last_check
+        return decision if decision.checkpoint else Decision(checkpoint=periodic_steps)
 
     def _decide(self, step: int) -> Decision:
+        now = time.monotonic()
+        self.between_checks = now - self.checked_at
+        per_call = (now - self.checked_at) / self.calls_since
+        self.calls_since, self.checked_at = 0, now
         if self.notice is None:
             self.notice = self.session.preemption_deadline()  # collective
             if self.notice is not None:
                 return Decision(checkpoint=True, stop="notice")
-        proposal = self.rank0_proposal(step) if self.session.rank == 0 else {}
+        proposal = self.rank0_proposal(per_call) if self.session.rank == 0 else {}
         agreed = self.session.agree(proposal)  # collective: rank 0's proposal
+        self.skip = int(agreed.get("skip", 0))
         if agreed.get("last"):
             return Decision(True, "preemption", self.notice + WAIT_MARGIN_S)
         if agreed.get("grow"):
             return Decision(True, "grow", time.time() + self.config.resize_interval + WAIT_MARGIN_S)
         return Decision(checkpoint=bool(agreed.get("periodic")))
 
-    def rank0_proposal(self, step: int) -> dict[str, Any]:
+    def rank0_proposal(self, per_call: float) -> dict[str, Any]:
         now = time.monotonic()
+        skip = max(0, round(CHECK_EVERY_S / max(per_call, 1e-3)) - 1)
         if self.notice is not None:
             left = self.notice - time.time()
-            return {"last": left <= 2 * (self.longest_call + self.longest_checkpoint) + 1.0}
-        periodic = (self.every_steps and step % self.every_steps == 0) or \
-                   (self.every_seconds and now - self.last_time >= self.every_seconds)
+            return {"last": left <= 2 * (self.between_checks + self.longest_checkpoint) + 1.0, "skip": skip}
+        periodic = self.every_seconds and now - self.last_time >= self.every_seconds
         grow = False
         if self.config.elastic and now >= self.quiet_until and now - self.checked_capacity >= 1.0:
             self.checked_capacity = now
             grow = self.session.world_size < self.config.workers and self.session.can_place_another_worker()
-        return {"periodic": bool(periodic), "grow": grow}
+        return {"periodic": bool(periodic), "grow": grow, "skip": skip}
 
     def cost(self) -> dict[str, float]:
         """The checks since the last call, for an epoch's metrics; then starts counting again."""
@@ -113,7 +128,7 @@ class Watch:
     def checkpointed(self, step: int, seconds: float = 0.0) -> None:
         self.last_step, self.last_time = step, time.monotonic()
         self.longest_checkpoint = max(self.longest_checkpoint, seconds)
-        self.boundary_at = self.last_time  # the checkpoint is not a call's time
+        self.checked_at = self.last_time  # a checkpoint is not calls' time
 
     def resumed_without_restart(self, decision: Decision) -> None:
         """The stop was not followed by a restart: no new grow attempt for a while, and a

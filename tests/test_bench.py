@@ -65,6 +65,14 @@ def test_bench_infer_refuses_a_missing_export(tmp_path):
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
+def test_bench_infer_without_mnist_is_one_line_before_any_measurement(tmp_path, exported):
+    proc = run_cli("bench", "infer", "--export", exported["dir"], env={"MNIST_DATA_DIR": str(tmp_path / "nowhere")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "MNIST_DATA_DIR" in proc.stderr
+    assert "measuring" not in proc.stdout
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
     """In this process: the probes are the training loop's own, on Ray workers as here (rank 0 takes them)."""
     out = tmp_path / "tta.json"

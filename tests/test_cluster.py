@@ -96,6 +96,9 @@ def test_a_job_on_two_worker_nodes_survives_losing_a_whole_node(cluster, tmp_pat
     assert "resumed from" in logs and logs.count("epoch 1/3: validation accuracy") == 1  # epoch 1 was not trained twice
     result = json.loads((run_dir / "result.json").read_text())
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    # A node lost without notice is a failure; the steps past the last checkpoint are trained again.
+    assert [(r["reason"], r["workers"]) for r in result["resizes"]] == [("start", 2), ("failure", 2)], result["resizes"]
+    assert result["lost_steps"] >= 0
     assert json.loads((run_dir / "export" / "report.json").read_text())["verified"] is True
     for checkpoint in sorted(run_dir.glob("checkpoint_epoch*")):  # the replicas stayed identical across the restart
         digests = {json.loads(p.read_text())["weights_sha256"] for p in checkpoint.glob("replica-*.json")}

@@ -109,3 +109,19 @@ def test_ray_trains_default_preemption_deadline_is_the_one_the_workers_wait_for(
     from ray.train.v2._internal import constants
 
     assert constants.DEFAULT_PREEMPTION_DEADLINE_S == compat.RAY_PREEMPTION_DEFAULT_DEADLINE_S
+
+
+def test_each_workers_port_stays_its_own_until_tensorflow_takes_it():
+    """Two workers of a node asked at once never get the same port: each holds its own until release_port."""
+    import socket
+
+    from mnist_dist.compat import ray_backend
+
+    first, second = ray_backend._free_address(), ray_backend._free_address()
+    assert first.rsplit(":", 1)[1] != second.rsplit(":", 1)[1]
+    port = int(first.rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.socket() as taken:
+        taken.bind(("", port))  # still held
+    ray_backend.release_port()
+    with socket.socket() as free:
+        free.bind(("", port))

@@ -1,6 +1,7 @@
 """Real Ray Train runs on real MNIST: 2 workers, MultiWorkerMirroredStrategy, checkpoints."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,12 +93,12 @@ def _start_training(storage, name, extra_env=None, epochs=3, model="lenet5", ext
                             env={**os.environ, **(extra_env or {})}, start_new_session=True)
 
 
-def _wait_for_committed_checkpoint(run_dir: Path, proc, timeout=240):
-    """Until Ray has registered epoch 1's checkpoint: a folder on disk is not enough, since
-    report() is a barrier and a checkpoint counts only once every rank has reported it."""
+def _wait_for_committed_checkpoint(run_dir: Path, proc, timeout=240, name="checkpoint_epoch001"):
+    """Until Ray has registered the checkpoint `name` (a regular expression): a folder on disk is
+    not enough, since report() is a barrier and a checkpoint counts only once every rank has reported it."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
-    while not (snapshot.exists() and "checkpoint_epoch001" in snapshot.read_text()):
+    while not (snapshot.exists() and re.search(name, snapshot.read_text())):
         assert proc.poll() is None, f"training ended before a checkpoint was committed:\n{proc.stdout.read()[-3000:]}"
         assert time.time() < deadline, f"no checkpoint committed in {timeout} s"
         time.sleep(0.1)
@@ -116,20 +117,43 @@ def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):
     A worker group restarted from a checkpoint while the driver lives: tests/test_cluster.py."""
     # With gradients summed in bfloat16, before and after the resume; the old flag name still works.
     # (Batch-norm statistics across a restarted worker group: test_cluster.py's cnn-bn run.)
-    bf16 = ("--allreduce", "bf16")
-    proc = _start_training(tmp_path / "runs", "resume", extra_args=bf16, epochs=2)
-    _wait_for_committed_checkpoint(tmp_path / "runs" / "resume", proc)
+    # A step checkpoint every 10 steps: killed in epoch 2 (96 steps an epoch), the run goes on from its last one.
+    args = ("--allreduce", "bf16", "--checkpoint-every", "10")
+    proc = _start_training(tmp_path / "runs", "resume", extra_args=args, epochs=2)
+    _wait_for_committed_checkpoint(tmp_path / "runs" / "resume", proc, name=r"checkpoint_step0000011\d")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=60)
     time.sleep(2)
-    proc = _start_training(tmp_path / "runs", "resume", extra_args=bf16, epochs=2)
+    proc = _start_training(tmp_path / "runs", "resume", extra_args=args, epochs=2)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
-    assert "resumed from" in out and "epoch 1/2: validation accuracy" not in out
+    assert re.search(r"resumed from checkpoint_step00000(1[1-9]0): global step \1, epoch 1 \+ \d+ steps", out), out[-4000:]
+    assert "epoch 1/2: validation accuracy" not in out
     assert "trained before this command resumed the run" in out  # and not in its training time
     _assert_complete_and_continuous(tmp_path / "runs" / "resume", epochs=2)
     _assert_replicas_identical(tmp_path / "runs" / "resume", epochs=2)
-    assert json.loads((tmp_path / "runs" / "resume" / "result.json").read_text())["config"]["allreduce"] == "bf16"
+    result = json.loads((tmp_path / "runs" / "resume" / "result.json").read_text())
+    assert result["config"]["allreduce"] == "bf16"
+    # Two commands, each one worker group from its start: a re-run is a start, not a failure.
+    assert [(r["reason"], r["workers"]) for r in result["resizes"]] == [("start", 2), ("start", 2)]
+    assert result["resizes"][1]["global_step"] % 10 == 0 and result["resizes"][1]["global_step"] > 96
+    assert result["lost_steps"] >= 0
+
+
+def test_an_elastic_range_starts_with_the_workers_the_machine_holds(tmp_path):
+    """--workers 1-4 on the embedded local Ray of a 2-core machine: 2 workers train the global batch of 4."""
+    from conftest import run_cli
+
+    cores = os.cpu_count()
+    proc = run_cli("train", "--preset", "smoke", "--synthetic", "--workers", "1-4", "--batch-size", "16", "--epochs", "1",
+                   "--storage", tmp_path, "--name", "elastic")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "elastic" / "result.json").read_text())
+    started = min(cores, 4)
+    assert result["resizes"] == [{"global_step": 0, "workers": started, "reason": "start"}]
+    assert result["global_batch_size"] == 64 and result["global_step"] == 2048 // 64
+    if started < 4:
+        assert f"{started} worker(s) of 1-4, about {64 // started} each, = global batch 64" in proc.stdout
 
 
 def test_a_run_that_diverges_on_ray_workers_stops_with_one_line(tmp_path):

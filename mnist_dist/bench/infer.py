@@ -164,6 +164,7 @@ def run(exports: list[str] | None = None, runs: list[str] | None = None, iterati
     if not directories:
         from mnist_dist.export import ExportError
         raise ExportError("no export to measure. Fix: pass --export DIR or --run RUN (either may be repeated).")
+    _inputs()  # the digits every runtime is timed on: missing MNIST is one line here, not a failed subprocess
     machine = header(log)
     thread_counts = sorted({1, usable_cores()})
     log(f"{len(directories)} export(s); batch-1 latency over {iterations} runs, 1 thread")

@@ -26,15 +26,27 @@ def _set_tf_config(worker_addresses: list[str], index: int) -> None:
                                           "task": {"type": "worker", "index": index}})
 
 
+# This worker's port, held until its TensorFlow server is about to take it (release_port):
+# a port closed at once could be handed to the next worker on the node as well.
+_RESERVED: list = []
+
+
 def _free_address() -> str:
     """host:port of a free port on this worker's node, for its TensorFlow gRPC server."""
     import socket
 
     host = ray.util.get_node_ip_address()
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind(("", 0))
+    _RESERVED.append(sock)
+    port = sock.getsockname()[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def release_port() -> None:
+    """Frees the port TF_CONFIG names for this worker; call just before TensorFlow starts its server."""
+    while _RESERVED:
+        _RESERVED.pop().close()
 
 
 class _TfConfigBackend(Backend):

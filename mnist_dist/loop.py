@@ -129,6 +129,11 @@ class Trainer:
                 self.say(f"worker group of {self.session.world_size} ({entry['reason']}) from global step {at}; "
                          f"steps trained twice so far: {lost}")
 
+    def has_batch_norm(self) -> bool:
+        import keras
+
+        return any(isinstance(layer, keras.layers.BatchNormalization) for layer in self.model.layers)
+
     def global_step(self) -> int:
         return int(self.optimizer.iterations.numpy())
 
@@ -144,6 +149,10 @@ class Trainer:
                      f"precision {config.precision}"
                      + gradients.describe(self.model, replica_slices(self.global_batch, strategy.num_replicas_in_sync)[1],
                                           strategy.num_replicas_in_sync, self.allreduce))
+            if self.global_batch % strategy.num_replicas_in_sync and self.has_batch_norm():
+                self.say(f"note: {strategy.num_replicas_in_sync} workers do not split the global batch of {self.global_batch} "
+                         "evenly; the padding rows take part in batch normalization's batch statistics, so this "
+                         f"{config.model} trains slightly otherwise than on a count that divides it (docs/spot.md)")
             if config.precision == "bf16" and not config.gpus_per_worker and (warning := machine.slow_bf16_warning()):
                 self.say(warning)
         self.train_step = step.make_train_step(strategy, self.model, self.optimizer, self.global_batch, self.allreduce)
@@ -167,7 +176,7 @@ class Trainer:
         losses = [carried.get("loss_sum", 0.0)] if self.is_chief and resumed else []
         epoch_start = interval_start = time.perf_counter() - carried.get("seconds", 0.0)
         paused = 0.0  # evaluation, step checkpoints and waits: not training time
-        probes = []
+        probes = list(carried.get("probes", []))
         at = epoch * self.steps_per_epoch + (self.skip_steps if resumed else 0)
         interval_steps, end = 0, (epoch + 1) * self.steps_per_epoch
         # Exactly steps_per_epoch batches per epoch, the same on every worker, so the loop
@@ -191,7 +200,7 @@ class Trainer:
                 interval_steps, interval_start = 0, time.perf_counter()
             if at < end:  # an epoch's end has its own checkpoint
                 pause_start = time.perf_counter()
-                if self.between_calls(at, losses, pause_start - epoch_start - paused):
+                if self.between_calls(at, losses, pause_start - epoch_start - paused, probes):
                     interval_steps, interval_start = 0, time.perf_counter()
                 # The checks themselves are part of training; a checkpoint or a wait is not.
                 paused += time.perf_counter() - pause_start - self.watch.last_check
@@ -199,12 +208,12 @@ class Trainer:
                 self.progress.step(at)
         return time.perf_counter() - epoch_start - paused, losses, probes
 
-    def between_calls(self, at: int, losses: list, epoch_seconds: float) -> bool:
+    def between_calls(self, at: int, losses: list, epoch_seconds: float, probes: list) -> bool:
         """What the workers agreed to do at this call boundary (spot.Watch); True after a checkpoint."""
         decision = self.watch.at_boundary(at)
         if not decision.checkpoint:
             return False
-        self.save_step(at, losses, epoch_seconds, decision.stop)
+        self.save_step(at, losses, epoch_seconds, decision.stop, probes)
         if decision.stop == "notice":
             left = self.watch.notice - time.time()
             self.say(f"a node of this group is being reclaimed in {left:.0f} s: step checkpoint at global step {at} taken; "
@@ -220,13 +229,13 @@ class Trainer:
                 self.progress.step(at, force=True)
         return True
 
-    def save_step(self, at: int, losses: list, epoch_seconds: float, stop: str | None) -> None:
+    def save_step(self, at: int, losses: list, epoch_seconds: float, stop: str | None, probes: list) -> None:
         """A checkpoint in the middle of an epoch: weights, optimizer, global step, and the epoch's
-        loss and seconds so far; the data order follows from the step (tfdata.train_dataset)."""
+        loss, seconds and test probes so far; the data order follows from the step (tfdata.train_dataset)."""
         loss_sum = float(self.worker_sum(np.array([sum(float(x) for x in losses)], np.float32))[0])
         self.sync_statistics()  # batch-norm moving statistics: every replica's copy alike, as at an epoch end
         state = {"epoch": len(self.history), "global_step": at, "kind": "step", "history": self.history,
-                 "train_seconds": self.train_seconds, "partial": {"loss_sum": loss_sum, "seconds": epoch_seconds},
+                 "train_seconds": self.train_seconds, "partial": {"loss_sum": loss_sum, "seconds": epoch_seconds, "probes": probes},
                  "stopped_for": None if stop == "notice" else stop}
         # -1, below any accuracy: Ray's CheckpointConfig ranks a step checkpoint below every epoch's.
         # (Not NaN: Ray's checkpoint snapshot stores it as null, and a resumed run cannot rank null.)
@@ -286,7 +295,6 @@ class Trainer:
     def save(self, metrics: dict[str, Any]) -> None:
         """The epoch's checkpoint, through the session."""
         self.write_checkpoint({**metrics, "history": self.history}, metrics, epoch_checkpoint_name(metrics["epoch"]))
-        self.watch.checkpointed(metrics["global_step"])
         if self.progress:
             self.progress.step(metrics["global_step"], force=True)
 
@@ -311,8 +319,11 @@ class Trainer:
         self.prepare()
         metrics: dict[str, Any] = self.history[-1] if self.history else {}
         for epoch in range(self.start_epoch, self.config.epochs):
-            metrics = self.end_epoch(epoch, *self.run_epoch(epoch))
+            trained = self.run_epoch(epoch)
+            ending = time.monotonic()
+            metrics = self.end_epoch(epoch, *trained)
             self.save(metrics)
+            self.watch.epoch_ended(metrics["global_step"], time.monotonic() - ending)
         self.summaries.close()
         return {**metrics, "history": self.history, "steps_per_epoch": self.steps_per_epoch}
 

@@ -104,9 +104,9 @@ class DirectorySession:
             ownership.publish(staged, target, "checkpoint", commit=ckpt.STATE_FILE,
                               fix=f"move {target} out of the run directory, then re-run the same command")
         self.reports.append({**metrics, "checkpoint": str(target)})
-        # As Ray's CheckpointConfig does: step checkpoints are kept only until a newer checkpoint.
-        for step, older in self._checkpoints():
-            if older != name and older.startswith("checkpoint_step"):
+        # One step checkpoint at most, the newest: any other (a newer epoch's, or one cut off mid-write) goes.
+        for older, is_file in self.run.entries():
+            if not is_file and older != name and older.startswith("checkpoint_step"):
                 (self.run / older).delete_tree(commit=ckpt.STATE_FILE)
 
 
@@ -129,7 +129,10 @@ class RaySession:
             return None
         from mnist_dist import compat
 
-        return info.deadline_ms / 1000 if info.deadline_ms else time.time() + compat.RAY_PREEMPTION_DEFAULT_DEADLINE_S
+        if info.deadline_ms:
+            return info.deadline_ms / 1000
+        # Ray Train counts its default from when it saw the drain, up to a poll before this worker did.
+        return time.time() + compat.RAY_PREEMPTION_DEFAULT_DEADLINE_S - compat.RAY_PREEMPTION_POLL_S
 
     def agree(self, proposal: dict[str, Any]) -> dict[str, Any]:
         import ray.train.collective
@@ -137,11 +140,12 @@ class RaySession:
         return ray.train.collective.broadcast_from_rank_zero(proposal)
 
     def can_place_another_worker(self) -> bool:
-        """Whether the cluster has room for one more worker right now: a node joined (rank 0 only)."""
-        import ray
+        """Whether one node, not draining, has room for one more worker: a node joined (rank 0 only)."""
+        from mnist_dist import compat
 
-        free = ray.available_resources()
-        return all(free.get(name, 0.0) >= amount for name, amount in self.resources_per_worker.items() if amount)
+        wanted = {name: amount for name, amount in self.resources_per_worker.items() if amount}
+        return any(all(free.get(name, 0.0) >= amount for name, amount in wanted.items())
+                   for free in compat.free_resources_per_node().values())
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:

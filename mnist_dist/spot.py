@@ -12,17 +12,18 @@ Rank 0 keeps `progress.json` in the run: how far the group got, and the group's 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.store import Location
+from mnist_dist.store import Location, StorageError
 
 PROGRESS_FILE = "progress.json"
 CHECK_EVERY_S = 1.0  # how often the workers check for a notice, a periodic checkpoint or room to grow
-PROGRESS_EVERY_S = 1.0  # how often rank 0 records its step: a hard kill loses at most this much unrecorded
+PROGRESS_EVERY_S = 1.0  # how often rank 0 records its step: what a hard kill may leave unrecorded
 # A group that stopped for a notice or a resize and was not torn down after this long past the
 # deadline (a drain cancelled, no resize after all) trains on.
 WAIT_MARGIN_S = 30.0
@@ -57,9 +58,11 @@ class Watch:
         self.config, self.session = config, session
         self.every_steps, self.every_seconds = config.checkpoint_interval
         self.last_step, self.last_time = start_step, time.monotonic()
-        self.quiet_until = 0.0  # after a resize that did not come, no other grow attempt until then
+        self.quiet_until, self.misses = 0.0, 0  # after a resize that did not come, a longer pause each time
         self.checked_capacity = 0.0
         self.notice: float | None = None  # the preemption deadline (time.time()), once told
+        self.handled: float | None = None  # a notice already waited out: Ray keeps reporting it
+        self.epoch_end = 0.0  # how long the last epoch's end (evaluation, checkpoint) took
         self.skip = 0  # calls until the next check, as rank 0 last said
         self.calls_since, self.checked_at = 0, time.monotonic()
         self.between_checks, self.longest_checkpoint = 0.0, 0.0
@@ -72,8 +75,6 @@ class Watch:
 
     def at_boundary(self, step: int) -> Decision:
         self.last_check = 0.0
-        if step == self.last_step:
-            return Decision()
         periodic_steps = bool(self.every_steps and step % self.every_steps == 0)  # the same on every worker
         self.calls_since += 1
         if self.skip > 0:
@@ -94,29 +95,35 @@ class Watch:
         per_call = (now - self.checked_at) / self.calls_since
         self.calls_since, self.checked_at = 0, now
         if self.notice is None:
-            self.notice = self.session.preemption_deadline()  # collective
-            if self.notice is not None:
+            deadline = self.session.preemption_deadline()  # collective
+            if deadline is not None and deadline != self.handled:
+                self.notice = deadline
                 return Decision(checkpoint=True, stop="notice")
         proposal = self.rank0_proposal(per_call) if self.session.rank == 0 else {}
         agreed = self.session.agree(proposal)  # collective: rank 0's proposal
         self.skip = int(agreed.get("skip", 0))
         if agreed.get("last"):
-            return Decision(True, "preemption", self.notice + WAIT_MARGIN_S)
+            return Decision(checkpoint=True, stop="preemption", deadline=self.notice + WAIT_MARGIN_S)
         if agreed.get("grow"):
-            return Decision(True, "grow", time.time() + self.config.resize_interval + WAIT_MARGIN_S)
+            return Decision(checkpoint=True, stop="grow", deadline=time.time() + self.config.resize_interval + WAIT_MARGIN_S)
         return Decision(checkpoint=bool(agreed.get("periodic")))
 
     def rank0_proposal(self, per_call: float) -> dict[str, Any]:
         now = time.monotonic()
         skip = max(0, round(CHECK_EVERY_S / max(per_call, 1e-3)) - 1)
         if self.notice is not None:
+            # Twice what may come before the next check (calls, an epoch's end) and a checkpoint.
             left = self.notice - time.time()
-            return {"last": left <= 2 * (self.between_checks + self.longest_checkpoint) + 1.0, "skip": skip}
+            return {"last": left <= 2 * (self.between_checks + self.epoch_end + self.longest_checkpoint) + 1.0,
+                    "skip": skip}
         periodic = self.every_seconds and now - self.last_time >= self.every_seconds
         grow = False
         if self.config.elastic and now >= self.quiet_until and now - self.checked_capacity >= 1.0:
             self.checked_capacity = now
-            grow = self.session.world_size < self.config.workers and self.session.can_place_another_worker()
+            try:
+                grow = self.session.world_size < self.config.workers and self.session.can_place_another_worker()
+            except Exception:  # noqa: BLE001  a failed look at the cluster is no reason to stop rank 0
+                grow = False
         return {"periodic": bool(periodic), "grow": grow, "skip": skip}
 
     def cost(self) -> dict[str, float]:
@@ -128,13 +135,21 @@ class Watch:
     def checkpointed(self, step: int, seconds: float = 0.0) -> None:
         self.last_step, self.last_time = step, time.monotonic()
         self.longest_checkpoint = max(self.longest_checkpoint, seconds)
-        self.checked_at = self.last_time  # a checkpoint is not calls' time
+        self.checked_at, self.calls_since = self.last_time, 0  # a checkpoint is not calls' time
+
+    def epoch_ended(self, step: int, seconds: float) -> None:
+        """After an epoch's end and its checkpoint, which took `seconds`."""
+        self.epoch_end = seconds
+        self.checkpointed(step)
 
     def resumed_without_restart(self, decision: Decision) -> None:
-        """The stop was not followed by a restart: no new grow attempt for a while, and a
-        notice whose deadline passed is over."""
-        self.quiet_until = time.monotonic() + 2 * self.config.resize_interval
-        self.notice = None
+        """The stop was not followed by a restart (a drain cancelled, a resize Ray did not
+        make): the notice is over, and growth waits twice as long after each miss."""
+        if decision.stop == "grow":
+            self.misses += 1
+            self.quiet_until = time.monotonic() + min(600.0, 2 ** self.misses * self.config.resize_interval)
+        else:
+            self.handled, self.notice = self.notice, None
 
 
 class Progress:
@@ -144,7 +159,8 @@ class Progress:
         self.location = run / PROGRESS_FILE
         self.command_id, self.workers = command_id, workers
         self.record: dict[str, Any] = {}
-        self.written_at = 0.0
+        self.written_at, self.warned = 0.0, False
+        self.writer, self.pending = concurrent.futures.ThreadPoolExecutor(max_workers=1), None
 
     def start(self, restored_step: int, restored: bool) -> dict[str, Any]:
         """The entry this group adds to `resizes`, with the steps it must train again."""
@@ -170,13 +186,28 @@ class Progress:
         return entry
 
     def step(self, global_step: int, stopping: str | None = None, force: bool = False) -> None:
+        """Records the step: at once when `force` (a checkpoint, a stop), else at most once a
+        second, in the background, so that a slow put into a bucket never holds up rank 0 (and,
+        at the next all-reduce, every worker)."""
         self.record.update(global_step=global_step, stopping=stopping)
-        if force or time.monotonic() - self.written_at >= PROGRESS_EVERY_S:
-            self.write()
+        if force:
+            if self.pending is not None:
+                self.pending.result()
+            self.write(dict(self.record))
+        elif time.monotonic() - self.written_at >= PROGRESS_EVERY_S and (self.pending is None or self.pending.done()):
+            self.written_at = time.monotonic()
+            self.pending = self.writer.submit(self.write, dict(self.record))
 
-    def write(self) -> None:
-        self.location.write_json(self.record)
+    def write(self, record: dict[str, Any] | None = None) -> None:
+        """Best effort: a store that fails once must not stop rank 0 alone (the others would wait)."""
         self.written_at = time.monotonic()
+        try:
+            self.location.write_json(self.record if record is None else record)
+        except (StorageError, OSError) as exc:
+            if not self.warned:
+                print(f"warning: cannot record the run's progress in {self.location} ({exc}); training goes on, "
+                      "and result.json may count fewer steps trained twice", flush=True)
+                self.warned = True
 
 
 def read(run: Location) -> dict[str, Any]:

@@ -109,6 +109,7 @@ def test_ray_trains_default_preemption_deadline_is_the_one_the_workers_wait_for(
     from ray.train.v2._internal import constants
 
     assert constants.DEFAULT_PREEMPTION_DEADLINE_S == compat.RAY_PREEMPTION_DEFAULT_DEADLINE_S
+    assert constants.DEFAULT_PREEMPTION_POLL_INTERVAL_S == compat.RAY_PREEMPTION_POLL_S
 
 
 def test_each_workers_port_stays_its_own_until_tensorflow_takes_it():
@@ -125,3 +126,11 @@ def test_each_workers_port_stays_its_own_until_tensorflow_takes_it():
     ray_backend.release_port()
     with socket.socket() as free:
         free.bind(("", port))
+
+
+def test_ray_still_has_the_per_node_free_resources_and_draining_nodes_that_growth_reads():
+    from ray._private import state
+
+    assert callable(state.available_resources_per_node) and callable(state.state.get_draining_nodes)
+    source = Path(__import__("ray.train.v2._internal.execution.preemption", fromlist=["x"]).__file__).read_text()
+    assert "get_draining_nodes()" in source  # what Ray Train's own watcher reads

@@ -95,3 +95,45 @@ def test_each_worker_group_is_recorded_with_why_it_started_and_the_steps_trained
     entry = progress.start(150 if restored else 0, restored)
     assert (entry["reason"], progress.record["lost_steps"]) == expected
     assert spot.read(run)["resizes"][-1] == entry  # written at once
+
+
+def test_a_notice_waited_out_is_not_taken_again_though_ray_keeps_reporting_it(monkeypatch):
+    monkeypatch.setattr(spot, "CHECK_EVERY_S", 0.0)  # a check at every call
+    session = Session(deadline=time.time() - 1)  # a drain whose deadline passed: cancelled, or no restart came
+    watch = spot.Watch(TrainConfig(checkpoint_every="0"), session, start_step=0)
+    first = watch.at_boundary(10)
+    assert first.stop == "notice"
+    watch.checkpointed(10)
+    last = watch.at_boundary(20)
+    assert last.stop == "preemption"
+    watch.resumed_without_restart(last)
+    assert [watch.at_boundary(step).checkpoint for step in (30, 40, 50)] == [False, False, False]
+
+
+def test_a_resize_that_does_not_come_makes_growth_wait_longer_each_time_and_a_failed_look_is_no_growth(monkeypatch):
+    monkeypatch.setattr(spot, "CHECK_EVERY_S", 0.0)
+    config = TrainConfig(workers=4, min_workers=1, checkpoint_every="0", resize_interval=1.0)
+    watch = spot.Watch(config, Session(room=True), start_step=0)
+    grow = watch.at_boundary(10)
+    assert grow.stop == "grow"
+    watch.resumed_without_restart(grow)
+    first_pause = watch.quiet_until - time.monotonic()
+    watch.quiet_until = 0.0
+    watch.checked_capacity = 0.0
+    watch.resumed_without_restart(watch.at_boundary(20))
+    assert watch.quiet_until - time.monotonic() > 1.5 * first_pause
+
+    class Broken(Session):
+        def can_place_another_worker(self):
+            raise ConnectionError("the GCS did not answer")
+
+    assert spot.Watch(config, Broken(), start_step=0).at_boundary(10).stop is None
+
+
+def test_progress_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path, capsys):
+    (tmp_path / "run").write_text("a file where the run's folder should be")
+    progress = spot.Progress(Location.of(tmp_path / "run"), "c", 2)
+    progress.start(0, False)
+    progress.step(10, force=True)
+    out = capsys.readouterr().out
+    assert out.count("warning: cannot record the run's progress") == 1

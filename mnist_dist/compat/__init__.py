@@ -95,10 +95,23 @@ LOCAL_RAY_TRAIN_ENV = {
 # is alive until the cloud takes it, and waits this long (60 s by default) for a group that
 # cannot be placed before it tries a smaller one (docs/spot.md).
 ELASTIC_RAY_TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """{node id: free resources} of the live nodes that are not draining, for rank 0's check
+    whether another worker fits on one node (mnist_dist.spot), as Ray Train's elastic policy
+    counts. Ray offers only the cluster's sum publicly; `available_resources_per_node` is a
+    DeveloperAPI in ray._private.state, and the draining nodes are what Ray Train's own
+    PreemptionWatcher reads (ray.train.v2._internal.execution.preemption)."""
+    from ray._private import state
+
+    draining = state.state.get_draining_nodes() or {}
+    return {node: free for node, free in state.available_resources_per_node().items() if node not in draining}
+
+
 # A drain without a deadline: Ray Train tears the group down this long after it saw the drain
 # (ray.train.v2._internal.constants.DEFAULT_PREEMPTION_DEADLINE_S, not public); the workers
 # wait that long after their just-in-time checkpoint (mnist_dist.spot).
 RAY_PREEMPTION_DEFAULT_DEADLINE_S = 120.0
+RAY_PREEMPTION_POLL_S = 5.0  # its PreemptionWatcher's poll (DEFAULT_PREEMPTION_POLL_INTERVAL_S)
 # Without the dashboard there is no State API for Ray Train's state actor to poll.
 NO_DASHBOARD_ENV = {"RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0"}
 # Ray 2.60 has no bind-address option. Its single-node mode, read once when `ray` is

@@ -263,3 +263,13 @@ def test_a_baselines_file_in_a_bucket_is_checked_like_a_local_one(s3):
     with pytest.raises(ownership.OwnershipError, match="`mnist-dist baseline` did not write"):
         baselines.run(TrainConfig(synthetic=True, epochs=1), epochs=1, out=mine, log=lambda _: None)
     assert mine.read_json() == {"my": "numbers"}
+
+
+def test_a_folder_deleted_whole_loses_its_commit_record_first_and_nothing_there_is_fine(root):
+    checkpoint = root / "checkpoint_step00000010"
+    (checkpoint / "model.keras").write_bytes(b"weights")
+    (checkpoint / "state.json").write_json({"global_step": 10})
+    (root / "keep.json").write_json({})
+    checkpoint.delete_tree(commit="state.json")
+    assert not checkpoint.exists() and (root / "keep.json").is_file()
+    checkpoint.delete_tree(commit="state.json")  # already gone

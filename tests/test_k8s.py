@@ -97,9 +97,25 @@ def elastic(rayjob) -> bool:
 
 
 def test_every_overlay_renders_the_expected_objects(rendered):
-    name, by_kind, docs = rendered
-    expected = ["ConfigMap", "RayJob", "ServiceAccount"] + ([] if name == "s3" else ["PersistentVolumeClaim"])
+    _name, by_kind, docs = rendered
+    # No PersistentVolumeClaim: the runs' volume is k8s/storage, so deleting a job never deletes the runs.
+    expected = ["ConfigMap", "RayJob", "ServiceAccount"]
     assert sorted(by_kind) == sorted(expected) and len(docs) == len(expected)
+
+
+def storage_claim() -> dict:
+    (claim,) = render(K8S / "storage")
+    return claim
+
+
+def test_the_runs_volume_is_applied_on_its_own_and_is_the_claim_every_job_mounts():
+    claim = storage_claim()
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    kubernetes_validate.validate(claim, kubernetes_validate.latest_version(), strict=True)
+    claimed = {v["persistentVolumeClaim"]["claimName"]
+               for overlay in OVERLAYS for doc in render(K8S / "overlays" / overlay) if doc["kind"] == "RayJob"
+               for pod in pods(doc).values() for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+    assert claimed == {claim["metadata"]["name"]}
 
 
 def unknown_fields(instance, schema, path="") -> list[str]:
@@ -347,8 +363,7 @@ def test_storage_is_the_mounted_volume_or_the_object_store(rendered):
         return
     storage = config["MNIST_STORAGE"]
     assert config["MNIST_DIST_CACHE"].startswith(storage + "/")  # MNIST downloaded once, into the volume
-    claim = by_kind["PersistentVolumeClaim"]
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"]
+    claim = storage_claim()
     for role, spec in pods(by_kind["RayJob"]).items():
         (container,) = spec["containers"]
         if role == "submitter":  # runs only `ray job submit`: no volume, no settings

@@ -103,19 +103,37 @@ def test_every_overlay_renders_the_expected_objects(rendered):
     assert sorted(by_kind) == sorted(expected) and len(docs) == len(expected)
 
 
-def storage_claim() -> dict:
-    (claim,) = render(K8S / "storage")
+# Each cloud's storage folder and the ReadWriteMany class its CSI driver serves (k8s/README.md).
+STORAGE_CLASSES = {"eks": "efs-sc", "gke": "standard-rwx", "aks": "azurefile-csi"}
+
+
+def storage_claim(cloud: str = "gke") -> dict:
+    (claim,) = render(K8S / "storage" / cloud)
     return claim
 
 
-def test_the_runs_volume_is_applied_on_its_own_and_is_the_claim_every_job_mounts():
-    claim = storage_claim()
+@pytest.mark.parametrize("cloud", sorted(STORAGE_CLASSES))
+def test_the_runs_volume_is_applied_on_its_own_per_cloud_and_is_the_claim_every_job_mounts(cloud):
+    claim = storage_claim(cloud)
     assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == STORAGE_CLASSES[cloud]
     kubernetes_validate.validate(claim, kubernetes_validate.latest_version(), strict=True)
     claimed = {v["persistentVolumeClaim"]["claimName"]
                for overlay in OVERLAYS for doc in render(K8S / "overlays" / overlay) if doc["kind"] == "RayJob"
                for pod in pods(doc).values() for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
     assert claimed == {claim["metadata"]["name"]}
+
+
+def test_storage_without_a_cloud_is_refused_before_anything_is_applied_in_one_line():
+    """`kubectl apply -k k8s/storage` would make a claim on the default class, which no
+    cloud serves ReadWriteMany: every pod would stay Pending. Rendering fails instead."""
+    kubectl = shutil.which("kubectl")
+    proc = subprocess.run([kubectl, "kustomize", str(K8S / "storage")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and not proc.stdout
+    (line,) = proc.stderr.strip().splitlines()
+    assert "k8s/storage names no StorageClass: apply k8s/storage/eks, /gke or /aks" in line
+    for cloud in STORAGE_CLASSES:  # every folder that line names exists and renders
+        assert storage_claim(cloud)["metadata"]["name"] == "mnist-runs"
 
 
 def unknown_fields(instance, schema, path="") -> list[str]:

@@ -2,7 +2,9 @@
 restricted Pod Security Standard, and for numbers that agree (what Ray is told == what the
 pods get), in every overlay and in scratch overlays that change the settings.
 tests/test_rayjob.py runs one of them."""
+import gzip
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ from helpers.kuberay_local import (
     DASHBOARD_PORT,
     GCS_PORT,
     IMAGE_ENV,
+    IMAGE_MNIST,
     IMAGE_WORKDIR,
     groups,
     quantity,
@@ -373,14 +376,13 @@ def test_storage_is_the_mounted_volume_or_the_object_store(rendered):
     name, by_kind, docs = rendered
     config = settings(by_kind)
     if name == "s3":  # no PVC, no volume path left anywhere, credentials by reference from a Secret
-        assert config["MNIST_STORAGE"].startswith("s3://") and "MNIST_DIST_CACHE" not in config
+        assert config["MNIST_STORAGE"].startswith("s3://")
         assert "/mnt/runs" not in json.dumps(docs) and "persistentVolumeClaim" not in json.dumps(docs)
         for role in ("head", "workers"):
             (container,) = pods(by_kind["RayJob"])[role]["containers"]
             assert {"secretRef": {"name": "mnist-s3-credentials"}} in container["envFrom"], role
         return
     storage = config["MNIST_STORAGE"]
-    assert config["MNIST_DIST_CACHE"].startswith(storage + "/")  # MNIST downloaded once, into the volume
     claim = storage_claim()
     for role, spec in pods(by_kind["RayJob"]).items():
         (container,) = spec["containers"]
@@ -439,6 +441,9 @@ def test_the_dockerfile_writes_as_its_user_and_checks_its_install():
     assert "imagetools inspect" in dockerfile and "@sha256:" in dockerfile  # how to pin the base by digest
     for key, value in IMAGE_ENV.items():  # what tests/helpers/kuberay_local.py gives every pod
         assert f"ENV {key}={value}" in dockerfile
+    # MNIST is downloaded and verified by SHA-256 at build time, where the image's MNIST_DATA_DIR points.
+    assert f"RUN MNIST_DIST_CACHE={Path(IMAGE_MNIST).parent} mnist-dist data download" in dockerfile
+    assert steps.index("RUN MNIST_DIST_CACHE=/app/data") < steps.index(f"ENV MNIST_DATA_DIR={IMAGE_MNIST}")
     ray = rayjob_of(render(K8S / "overlays" / "cpu"))["spec"]["rayClusterSpec"]["rayVersion"]
     assert f"rayproject/ray:{ray}-py311-cpu" in dockerfile and f'"ray[default,train]>={ray[:4]}' in (ROOT / "pyproject.toml").read_text()
 
@@ -467,6 +472,26 @@ def test_the_dockerfile_install_works_in_a_fresh_venv(tmp_path, wheel):
     proc = subprocess.run([py, "-c", "import mnist_edge.runtime, mnist_dist.data; import importlib.util as u; "
                                      "print(u.find_spec('tensorflow') is None)"], capture_output=True, text=True)
     assert proc.stdout.strip() == "True", proc.stderr  # an edge install does not pull TensorFlow
+
+
+
+@pytest.mark.slow
+def test_the_images_mnist_step_verifies_what_it_has_and_fails_the_build_on_a_bad_file(tmp_path, mnist_dir):
+    """The Dockerfile's `MNIST_DIST_CACHE=/app/data mnist-dist data download`: here the files
+    are already in the cache (no internet), so it only verifies them; a corrupt file must fail
+    the step, and so the build, in one line."""
+    cache = tmp_path / "data" / "mnist"
+    shutil.copytree(mnist_dir, cache)
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_DATA_DIR"} | {"MNIST_DIST_CACHE": str(tmp_path / "data")}
+    step = [sys.executable, "-m", "mnist_dist.cli", "data", "download"]
+    proc = subprocess.run(step, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "all 4 files present, checksums match" in proc.stdout, proc.stdout + proc.stderr
+    (bad,) = [f for f in cache.iterdir() if f.name.startswith("t10k-labels")]
+    data = bytearray(gzip.decompress(bad.read_bytes()) if bad.suffix == ".gz" else bad.read_bytes())
+    data[-1] ^= 1
+    bad.write_bytes(gzip.compress(bytes(data)) if bad.suffix == ".gz" else bytes(data))
+    proc = subprocess.run(step, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1 and "t10k-labels" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow

@@ -39,12 +39,8 @@ def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(
     (k8s / "overlays" / "tiny" / "kustomization.yaml").write_text(TINY)
     docs = render(k8s / "overlays" / "tiny")
     settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    with LocalRayJob(docs, ROOT, tmp_path / "volumes") as job:
-        # MNIST in the volume's cache, as the first run on a cluster downloads it there.
-        cache = Path(job.paths(settings["MNIST_DIST_CACHE"])) / "mnist"
-        cache.mkdir(parents=True)
-        for gz in mnist_dir.glob("*.gz"):
-            shutil.copy(gz, cache)
+    # MNIST where the image has it (its MNIST_DATA_DIR): the job downloads nothing.
+    with LocalRayJob(docs, ROOT, tmp_path / "volumes", mnist=mnist_dir) as job:
         job.start()
         status, logs = job.submit(timeout=300)
     assert not job._mine(), "processes of the local cluster outlived it"

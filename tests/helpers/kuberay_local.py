@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 
 IMAGE_WORKDIR = "/app"  # k8s/image/Dockerfile: WORKDIR, where the checkout's files are copied
-IMAGE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}  # k8s/image/Dockerfile: ENV
+IMAGE_MNIST = "/app/data/mnist"  # k8s/image/Dockerfile: MNIST, downloaded and verified at build time
+IMAGE_ENV = {"MNIST_DATA_DIR": IMAGE_MNIST, "TF_CPP_MIN_LOG_LEVEL": "2"}  # k8s/image/Dockerfile: ENV
 GCS_PORT, DASHBOARD_PORT, METRICS_PORT, AGENT_PORT = 6379, 8265, 8080, 52365  # the operator's defaults
 # utils.BasePythonHealthCommand and its timeout: the submitter waits for this before submitting.
 HEALTH = "python -c \"import urllib.request; r=urllib.request.urlopen('%s', timeout=%d); exit(0 if b'success' in r.read() else 1)\""
@@ -188,13 +189,13 @@ class LocalRayJob:
     token the operator gives every pod and the submitter (authOptions in k8s/base/rayjob.yaml).
     """
 
-    def __init__(self, docs: list[dict], checkout: Path, volumes: Path):
+    def __init__(self, docs: list[dict], checkout: Path, volumes: Path, mnist: Path):
         by_kind = {}
         for doc in docs:
             by_kind.setdefault(doc["kind"], []).append(doc)
         (self.rayjob,) = by_kind["RayJob"]
         self.configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind.get("ConfigMap", [])}
-        self.paths = Paths({IMAGE_WORKDIR: checkout})
+        self.paths = Paths({IMAGE_MNIST: mnist, IMAGE_WORKDIR: checkout})  # the image's MNIST before the rest of /app
         self.checkout = checkout
         for _type, group in groups(self.rayjob).values():
             pod = group["template"]["spec"]
@@ -212,7 +213,7 @@ class LocalRayJob:
         self.sessions: set[int] = set()  # each pod's `ray start` leads a session of its own
         self.commands: dict[str, str] = {}  # the generated `ray start` of each pod, as the operator would log it
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-        self.base_env.update(IMAGE_ENV, KUBERAY_LOCAL=self.marker, RAY_USAGE_STATS_ENABLED="0",  # no network here
+        self.base_env.update({k: self.paths(v) for k, v in IMAGE_ENV.items()}, KUBERAY_LOCAL=self.marker, RAY_USAGE_STATS_ENABLED="0",  # no network here
                              PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # the image's python
 
     @property

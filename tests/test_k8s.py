@@ -255,6 +255,57 @@ def test_the_operator_mirror_fills_what_rayStartParams_leave_out():
     assert ray_start_params(group, "head")["num-cpus"] == "3" and ray_start_params(group, "head")["num-gpus"] == "0"
 
 
+def node_table() -> dict[tuple[str, str], dict[str, float]]:
+    """k8s/README.md's "Node size" table: (cloud, pool) -> what a node leaves for the job's pods."""
+    section = (K8S / "README.md").read_text().split("## Node size", 1)[1].split("\n## ", 1)[0]
+    nodes = {}
+    for row in re.findall(r"^\| (EKS|GKE|AKS) \| (cpu|gpu) \| [^|]+ \| ([^|]+) \| ([^|]+) \|", section, re.M):
+        cloud, pool, allocatable, daemonsets = row
+        (cpu, mem), (ds_cpu, ds_mem) = ([quantity(v.strip()) for v in col.split(",")] for col in (allocatable, daemonsets))
+        nodes[cloud, pool] = {"cpu": cpu - ds_cpu, "memory": mem - ds_mem}
+    return nodes
+
+
+def pod_requests(rayjob) -> list[tuple[str, str, dict[str, float]]]:
+    """(pod, pool, requests) for every pod the job runs at its largest: the head (with the
+    autoscaler's container when it has one), each worker replica, and the submitter."""
+    def total(containers):
+        return {r: sum(quantity(c["resources"]["requests"].get(r, 0)) for c in containers) for r in ("cpu", "memory")}
+    spec = rayjob["spec"]["rayClusterSpec"]
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    if elastic(rayjob):
+        head = [*head, spec["autoscalerOptions"]]
+    found = [("head", "cpu", total(head)),
+             ("submitter", "cpu", total(rayjob["spec"]["submitterPodTemplate"]["spec"]["containers"]))]
+    for group in spec["workerGroupSpecs"]:
+        containers = group["template"]["spec"]["containers"]
+        pool = "gpu" if any("nvidia.com/gpu" in c["resources"]["requests"] for c in containers) else "cpu"
+        found += [(f"{group['groupName']}-{i}", pool, total(containers)) for i in range(int(group["maxReplicas"]))]
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlays_pods_fit_the_named_nodes_of_each_cloud_beside_the_system_daemonsets(overlay):
+    """Each pod fits a node of its pool, and the head and submitter share a node with a CPU
+    worker: N CPU workers take N nodes (k8s/README.md, "Node size")."""
+    nodes = node_table()
+    assert {cloud for cloud, _pool in nodes} == {"EKS", "GKE", "AKS"} and len(nodes) == 6
+    job = pod_requests(rayjob_of(render(K8S / "overlays" / overlay)))
+    for (cloud, pool), room in nodes.items():
+        mine = sorted((r for _name, p, r in job if p == pool), key=lambda r: -r["cpu"])
+        for name, p, requests in job:
+            assert p != pool or all(requests[r] <= room[r] for r in room), f"{overlay}: {name} does not fit {cloud} {pool}"
+        bins: list[dict[str, float]] = []  # first fit, largest first
+        for requests in mine:
+            free = next((b for b in bins if all(b[r] >= requests[r] for r in room)), None)
+            if free is None:
+                bins.append(free := dict(room))
+            for r in room:
+                free[r] -= requests[r]
+        workers = sum(1 for name, p, _r in job if p == pool and name.startswith("workers-"))
+        assert len(bins) <= max(workers, 1 if mine else 0), f"{overlay} needs {len(bins)} {cloud} {pool} nodes"
+
+
 def test_settings_reach_replicas_ray_and_the_pods_in_every_overlay(rendered):
     name, by_kind, _docs = rendered
     config = settings(by_kind)

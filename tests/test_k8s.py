@@ -102,8 +102,8 @@ def elastic(rayjob) -> bool:
 def test_every_overlay_renders_the_expected_objects(rendered):
     _name, by_kind, docs = rendered
     # No PersistentVolumeClaim: the runs' volume is k8s/storage, so deleting a job never deletes the runs.
-    expected = ["ConfigMap", "RayJob", "ServiceAccount"]
-    assert sorted(by_kind) == sorted(expected) and len(docs) == len(expected)
+    expected = ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "RayJob", "ServiceAccount"]
+    assert sorted(doc["kind"] for doc in docs) == expected
 
 
 # Each cloud's storage folder and the ReadWriteMany class its CSI driver serves (k8s/README.md).
@@ -185,9 +185,9 @@ def test_schema_validation_catches_a_bad_field(rendered):
 def test_core_objects_and_pod_templates_validate_against_kubernetes(rendered):
     _name, by_kind, _docs = rendered
     version = kubernetes_validate.latest_version()
-    for kind in ("ConfigMap", "PersistentVolumeClaim", "ServiceAccount"):
-        if kind in by_kind:
-            kubernetes_validate.validate(by_kind[kind], version, strict=True)
+    for doc in _docs:
+        if doc["kind"] != "RayJob":
+            kubernetes_validate.validate(doc, version, strict=True)
     for name, spec in pods(by_kind["RayJob"]).items():
         template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": {"spec": spec}}
         kubernetes_validate.validate(template, version, strict=True)
@@ -304,6 +304,66 @@ def test_every_overlays_pods_fit_the_named_nodes_of_each_cloud_beside_the_system
                 free[r] -= requests[r]
         workers = sum(1 for name, p, _r in job if p == pool and name.startswith("workers-"))
         assert len(bins) <= max(workers, 1 if mine else 0), f"{overlay} needs {len(bins)} {cloud} {pool} nodes"
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if not {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[op]:
+            return False
+    return True
+
+
+def allowed(docs, direction: str, pod: dict, peer: dict | None, port: int, protocol: str = "TCP") -> bool:
+    """Whether the rendered NetworkPolicies let `port` through to (ingress) or from (egress)
+    `pod`, from or to `peer`'s labels (None: an address outside the namespace's pods).
+    Policies add up; a pod no policy of that direction selects would allow everything."""
+    rules_key, peers_key, kind = ("ingress", "from", "Ingress") if direction == "in" else ("egress", "to", "Egress")
+    policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"
+                and kind in d["spec"]["policyTypes"] and selects(d["spec"]["podSelector"], pod)]
+    assert policies, f"no {kind} policy selects {pod}: it would be open"
+    for rule in (r for spec in policies for r in spec.get(rules_key, [])):
+        ports_ok = any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in rule.get("ports", [{}]))
+        peers = rule.get(peers_key)
+        peer_ok = peers is None or any(
+            "podSelector" in q and "namespaceSelector" not in q and peer is not None and selects(q["podSelector"], peer)
+            for q in peers)
+        if ports_ok and peer_ok:
+            return True
+    return False
+
+
+def test_the_network_policies_let_in_only_the_jobs_own_traffic(rendered):
+    name, by_kind, docs = rendered
+    rayjob = by_kind["RayJob"]
+    labels = {role: (rayjob["spec"]["submitterPodTemplate"] if role == "submitter" else group["template"])["metadata"]["labels"]
+              for role, group in [(r, g) for r, (_t, g) in groups(rayjob).items()] + [("submitter", None)]}
+    head, worker, submitter = labels["head"], labels["workers"], labels["submitter"]
+    assert len({json.dumps(v, sort_keys=True) for v in labels.values()}) == 3  # each role told apart
+    ray_ports = [GCS_PORT, DASHBOARD_PORT, 10001, 52365, 10002, 19999, 34567]  # named and random ports
+    for a in (head, worker):
+        for b in (head, worker):
+            assert all(allowed(docs, "in", a, b, port) and allowed(docs, "out", b, a, port) for port in ray_ports)
+        assert allowed(docs, "out", a, None, 53, "UDP") and allowed(docs, "out", a, None, 53)
+        assert not allowed(docs, "in", a, None, 8265), "the head or a worker lets in anyone"
+    # The submitter reaches the head's dashboard, and nothing else; nothing reaches the submitter.
+    assert allowed(docs, "in", head, submitter, DASHBOARD_PORT) and allowed(docs, "out", submitter, head, DASHBOARD_PORT)
+    assert not allowed(docs, "in", head, submitter, GCS_PORT) and not allowed(docs, "in", worker, submitter, DASHBOARD_PORT)
+    assert not allowed(docs, "out", submitter, worker, DASHBOARD_PORT)
+    assert not any(allowed(docs, "in", submitter, peer, port) for peer in (head, worker, None) for port in ray_ports)
+    # Egress to the object store (443) only where the run is in one, or for the autoscaler's API calls.
+    https = allowed(docs, "out", worker, None, 443)
+    assert https == (settings(by_kind)["MNIST_STORAGE"].startswith("s3://") or elastic(rayjob)), name
+    assert not allowed(docs, "out", worker, None, 80) and not allowed(docs, "out", submitter, None, 443)
+    # The KubeRay operator polls the job on the head's dashboard, from the namespace the README installs it in.
+    (dashboard,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-dashboard")]
+    operator = [q for rule in dashboard["spec"]["ingress"] for q in rule["from"] if "namespaceSelector" in q]
+    namespace = operator[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    assert f"--namespace {namespace} --create-namespace" in (K8S / "README.md").read_text()
 
 
 def test_settings_reach_replicas_ray_and_the_pods_in_every_overlay(rendered):

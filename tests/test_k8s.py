@@ -218,6 +218,27 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
         assert security["runAsNonRoot"] is True and security["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
+def test_every_container_has_a_read_only_root_and_a_writable_tmp(rendered):
+    """Hardened admission policies require readOnlyRootFilesystem; Ray writes its session
+    directory to /tmp, so each pod mounts an emptyDir there (tests/test_rayjob.py runs the
+    job that way). The autoscaler's container shares the head pod's."""
+    _name, by_kind, _docs = rendered
+    rayjob = by_kind["RayJob"]
+    for role, spec in pods(rayjob).items():
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        containers = spec["containers"] + ([rayjob["spec"]["rayClusterSpec"]["autoscalerOptions"]]
+                                           if role == "head" and elastic(rayjob) else [])
+        for container in containers:
+            where = f"{role}/{container.get('name', 'autoscaler')}"
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+            tmp = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            assert len(tmp) == 1 and tmp[0] in empty_dirs, where
+    # The image sends HOME's caches to /tmp (tests/helpers/kuberay_local.py gives the pods the same).
+    dockerfile = (K8S / "image" / "Dockerfile").read_text()
+    for key in ("XDG_CACHE_HOME", "KERAS_HOME", "MPLCONFIGDIR"):
+        assert re.search(rf"^ENV {key}=/tmp/", dockerfile, re.M), key
+
+
 def test_what_ray_is_told_is_what_each_pod_gets(rendered):
     """requests == limits everywhere, and `ray start` gets exactly those numbers: the group's
     rayStartParams, completed from the container's limits as the operator does."""
@@ -497,8 +518,8 @@ def test_storage_is_the_mounted_volume_or_the_object_store(rendered):
     claim = storage_claim()
     for role, spec in pods(by_kind["RayJob"]).items():
         (container,) = spec["containers"]
-        if role == "submitter":  # runs only `ray job submit`: no volume, no settings
-            assert "volumes" not in spec and "envFrom" not in container
+        if role == "submitter":  # runs only `ray job submit`: no volume but its /tmp, no settings
+            assert all("emptyDir" in v for v in spec["volumes"]) and "envFrom" not in container
             continue
         volumes = {v["name"]: v for v in spec["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}

@@ -4,10 +4,11 @@ then what KubeRay would do with it, without Kubernetes or containers
 resources and entrypoint agree with each other and with the code."""
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.kuberay_local import LocalRayJob, render
+from helpers.kuberay_local import LocalRayJob, read_only_pod, render
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,18 @@ configMapGenerator:
       - MNIST_EXTRA_ARGS=--train-limit 1024 --val-size 512 --max-int8-drop 5
 transformers: [../../wiring]
 """
+
+
+def test_a_pod_here_writes_only_to_its_empty_dirs_and_volumes(tmp_path):
+    """The harness's stand-in for readOnlyRootFilesystem: a write outside the mounts fails."""
+    volume, empty_dir = tmp_path / "volume", tmp_path / "emptydir"
+    volume.mkdir(), empty_dir.mkdir()
+    script = ("touch /tmp/a && touch {v}/b && echo wrote; "
+              "for p in $HOME/mnist-dist-probe ./probe /mnist-dist-probe; do touch $p 2>/dev/null && echo LEAK $p; done; true")
+    proc = subprocess.run(read_only_pod(script.format(v=volume), ROOT, {"/tmp": empty_dir}, [volume]),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["wrote"], proc.stdout + proc.stderr
+    assert (empty_dir / "a").exists() and (volume / "b").exists() and not Path("/tmp/a").exists()
 
 
 def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(tmp_path, mnist_dir):

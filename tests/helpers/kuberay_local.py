@@ -30,7 +30,8 @@ import yaml
 
 IMAGE_WORKDIR = "/app"  # k8s/image/Dockerfile: WORKDIR, where the checkout's files are copied
 IMAGE_MNIST = "/app/data/mnist"  # k8s/image/Dockerfile: MNIST, downloaded and verified at build time
-IMAGE_ENV = {"MNIST_DATA_DIR": IMAGE_MNIST, "TF_CPP_MIN_LOG_LEVEL": "2"}  # k8s/image/Dockerfile: ENV
+IMAGE_ENV = {"MNIST_DATA_DIR": IMAGE_MNIST, "TF_CPP_MIN_LOG_LEVEL": "2",  # k8s/image/Dockerfile: ENV
+             "XDG_CACHE_HOME": "/tmp/.cache", "KERAS_HOME": "/tmp/.keras", "MPLCONFIGDIR": "/tmp/.config/matplotlib"}
 GCS_PORT, DASHBOARD_PORT, METRICS_PORT, AGENT_PORT = 6379, 8265, 8080, 52365  # the operator's defaults
 # utils.BasePythonHealthCommand and its timeout: the submitter waits for this before submitting.
 HEALTH = "python -c \"import urllib.request; r=urllib.request.urlopen('%s', timeout=%d); exit(0 if b'success' in r.read() else 1)\""
@@ -166,9 +167,10 @@ class Paths:
         return text
 
 
-def localize(params: dict[str, str], node_type: str, temp_dir: str, ports: dict[str, int]) -> dict[str, str]:
-    """What one machine changes in a pod's `ray start`: its IP, ports of its own, its own /tmp."""
-    params = {**params, "node-ip-address": "127.0.0.1", "temp-dir": temp_dir,
+def localize(params: dict[str, str], node_type: str, ports: dict[str, int]) -> dict[str, str]:
+    """What one machine changes in a pod's `ray start`: its IP and ports of its own. (Its own
+    /tmp, where Ray's session directory is, comes from `read_only_pod`.)"""
+    params = {**params, "node-ip-address": "127.0.0.1",
               "metrics-export-port": str(free_port()), "dashboard-agent-listen-port": str(free_port())}
     del params["block"]  # a pod's container blocks to stay alive; here `ray start` returns once the node is up
     if node_type == "head":
@@ -177,6 +179,27 @@ def localize(params: dict[str, str], node_type: str, temp_dir: str, ports: dict[
     else:
         params["address"] = f"127.0.0.1:{ports['gcs']}"  # the head Service
     return params
+
+
+def read_only_pod(command: str, cwd: Path, empty_dirs: dict[str, Path], volumes: list[Path]) -> list[str]:
+    """`command` as a container with `readOnlyRootFilesystem: true` runs it: in a mount namespace
+    of its own where / is read-only, each emptyDir is a fresh folder at its mount path, and the
+    volumes (folders here, named by `Paths`) stay writable. A write anywhere else fails with
+    EROFS, as it would in the pod. Ray's daemons and the job's driver, started by it, inherit it."""
+    import shlex
+
+    steps = ["set -e"]
+    for mount_path, folder in empty_dirs.items():
+        for volume in volumes:  # a volume under the emptyDir's mount path (pytest's /tmp): carried inside it
+            if volume.is_relative_to(mount_path):
+                inside = folder / volume.relative_to(mount_path)
+                steps += [f"mkdir -p {shlex.quote(str(inside))}", f"mount --bind {shlex.quote(str(volume))} {shlex.quote(str(inside))}"]
+        steps.append(f"mount --rbind {shlex.quote(str(folder))} {shlex.quote(mount_path)}")
+    for volume in volumes:
+        if not any(volume.is_relative_to(m) for m in empty_dirs):
+            steps.append(f"mount --bind {shlex.quote(str(volume))} {shlex.quote(str(volume))}")
+    steps += ["mount -o remount,bind,ro /", f"cd {shlex.quote(str(cwd))}", f"exec /bin/bash -c -- {shlex.quote(command)}"]
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/bash", "-c", "; ".join(steps)]
 
 
 class LocalRayJob:
@@ -195,17 +218,20 @@ class LocalRayJob:
             by_kind.setdefault(doc["kind"], []).append(doc)
         (self.rayjob,) = by_kind["RayJob"]
         self.configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind.get("ConfigMap", [])}
+        self.submitter = self.rayjob["spec"]["submitterPodTemplate"]["spec"]
         self.paths = Paths({IMAGE_MNIST: mnist, IMAGE_WORKDIR: checkout})  # the image's MNIST before the rest of /app
         self.checkout = checkout
-        for _type, group in groups(self.rayjob).values():
-            pod = group["template"]["spec"]
+        self.volumes: list[Path] = []  # each PersistentVolumeClaim's folder here, the same for every pod
+        for pod in [group["template"]["spec"] for _type, group in groups(self.rayjob).values()] + [self.submitter]:
             claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
                       if "persistentVolumeClaim" in v}
-            if len(claims) != len(pod.get("volumes", [])):
-                raise NotImplementedError("only PersistentVolumeClaim volumes are mapped here")
+            if any("persistentVolumeClaim" not in v and "emptyDir" not in v for v in pod.get("volumes", [])):
+                raise NotImplementedError("only PersistentVolumeClaim and emptyDir volumes are mapped here")
             for mount in pod["containers"][0].get("volumeMounts", []):
-                self.paths.mapping[mount["mountPath"]] = volumes / claims[mount["name"]]
-        for folder in self.paths.mapping.values():
+                if mount["name"] in claims:
+                    self.paths.mapping[mount["mountPath"]] = volumes / claims[mount["name"]]
+                    self.volumes.append(volumes / claims[mount["name"]])
+        for folder in self.volumes:
             folder.mkdir(parents=True, exist_ok=True)
         self.marker = f"kuberay-local-{uuid.uuid4().hex}"
         self.ports = {"gcs": free_port(), "dashboard": free_port()}
@@ -226,15 +252,23 @@ class LocalRayJob:
         env.setdefault("RAY_ADDRESS", f"127.0.0.1:{self.ports['gcs']}")
         return {**self.base_env, **env}
 
+    def _read_only(self, pod: dict, command: str) -> list[str]:
+        """The pod's container, read-only but for its emptyDirs (fresh folders) and volumes."""
+        volumes = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        empty_dirs = {}
+        for mount in pod["containers"][0].get("volumeMounts", []):
+            if mount["name"] in volumes:
+                empty_dirs[mount["mountPath"]] = Path(tempfile.mkdtemp(prefix="pod-"))
+                self.temp_dirs.append(str(empty_dirs[mount["mountPath"]]))
+        return read_only_pod(command, self.checkout, empty_dirs, self.volumes)
+
     def _start_pod(self, name: str, node_type: str, group: dict) -> subprocess.Popen:
-        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray puts Unix sockets in it
-        self.temp_dirs.append(temp_dir)
-        params = localize(ray_start_params(group, node_type), node_type, temp_dir, self.ports)
+        params = localize(ray_start_params(group, node_type), node_type, self.ports)
         command = self.paths(ray_start_command(params, node_type))
         self.commands[name] = command
-        container = group["template"]["spec"]["containers"][0]
-        proc = subprocess.Popen(["/bin/bash", "-c", "--", command], cwd=self.checkout, text=True,
-                                env=self._pod_env(container), start_new_session=True,
+        pod = group["template"]["spec"]
+        proc = subprocess.Popen(self._read_only(pod, command), cwd=self.checkout, text=True,
+                                env=self._pod_env(pod["containers"][0]), start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.sessions.add(proc.pid)
         return proc
@@ -261,8 +295,8 @@ class LocalRayJob:
         for pod in range(SUBMITTER_BACKOFF_LIMIT + 1):
             if pod:
                 time.sleep(5)  # a fresh submitter pod after the Job's back-off
-            proc = subprocess.run(["/bin/bash", "-ce", "--", command], capture_output=True, text=True, env=env,
-                                  cwd=tempfile.gettempdir(), timeout=max(1.0, deadline - time.monotonic()))
+            proc = subprocess.run(self._read_only(self.submitter, f"set -e; {command}"), capture_output=True, text=True,
+                                  env=env, cwd=self.checkout, timeout=max(1.0, deadline - time.monotonic()))
             logs += proc.stdout + proc.stderr
             if proc.returncode == 0:
                 break

@@ -38,6 +38,10 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir())
 SCRATCH = {
     "scratch-gpu-3x2": ("../gpu", ["MNIST_WORKERS=3", "MNIST_CPUS_PER_WORKER=4", "MNIST_GPUS_PER_WORKER=2"], []),
     "kueue": ("../cpu", [], ["../../components/kueue"]),
+    # The object store with each cloud's workload identity instead of keys (k8s/README.md).
+    "s3-irsa": ("../s3", [], ["../../components/aws-irsa"]),
+    "gcs-workload-identity": ("../cpu", [], ["../../components/object-store", "../../components/gke-workload-identity"]),
+    "abfs-workload-identity": ("../cpu", [], ["../../components/object-store", "../../components/aks-workload-identity"]),
 }
 # And the README's own examples, as written there: "big" (4 workers x 4 CPUs) and "options".
 README_OVERLAYS = ["big", "options"]
@@ -378,7 +382,7 @@ def test_the_network_policies_let_in_only_the_jobs_own_traffic(rendered):
     assert not any(allowed(docs, "in", submitter, peer, port) for peer in (head, worker, None) for port in ray_ports)
     # Egress to the object store (443) only where the run is in one, or for the autoscaler's API calls.
     https = allowed(docs, "out", worker, None, 443)
-    assert https == (settings(by_kind)["MNIST_STORAGE"].startswith("s3://") or elastic(rayjob)), name
+    assert https == ("://" in settings(by_kind)["MNIST_STORAGE"] or elastic(rayjob)), name
     assert not allowed(docs, "out", worker, None, 80) and not allowed(docs, "out", submitter, None, 443)
     # The KubeRay operator polls the job on the head's dashboard, from the namespace the README installs it in.
     (dashboard,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-dashboard")]
@@ -507,12 +511,8 @@ def test_the_entrypoint_runs_the_jobs_script_with_every_setting_as_a_real_flag(r
 def test_storage_is_the_mounted_volume_or_the_object_store(rendered):
     name, by_kind, docs = rendered
     config = settings(by_kind)
-    if name == "s3":  # no PVC, no volume path left anywhere, credentials by reference from a Secret
-        assert config["MNIST_STORAGE"].startswith("s3://")
+    if "://" in config["MNIST_STORAGE"]:  # no PVC, no volume path left anywhere
         assert "/mnt/runs" not in json.dumps(docs) and "persistentVolumeClaim" not in json.dumps(docs)
-        for role in ("head", "workers"):
-            (container,) = pods(by_kind["RayJob"])[role]["containers"]
-            assert {"secretRef": {"name": "mnist-s3-credentials"}} in container["envFrom"], role
         return
     storage = config["MNIST_STORAGE"]
     claim = storage_claim()
@@ -531,11 +531,54 @@ def test_storage_is_the_mounted_volume_or_the_object_store(rendered):
 def test_no_secrets_in_the_manifests(rendered):
     _name, by_kind, _docs = rendered
     assert "Secret" not in by_kind
-    assert not [k for k in settings(by_kind) if re.search(r"(?i)password|secret|token|credential|_key", k)]
+    # A setting may name where a secret is (a *_FILE path), never hold one.
+    assert not [k for k in settings(by_kind) if re.search(r"(?i)password|secret|token|credential|_key", k)
+                and not k.endswith("_FILE")]
     for pod in pods(by_kind["RayJob"]).values():
         for container in pod["containers"]:
-            assert "env" not in container  # settings arrive through the ConfigMap; secrets by reference only
-            assert all(set(source) <= {"configMapRef", "secretRef"} for source in container.get("envFrom", []))
+            assert "env" not in container  # settings arrive through the ConfigMap; secrets as files only
+            assert all(set(source) == {"configMapRef"} for source in container.get("envFrom", []))
+
+
+def test_object_store_keys_are_an_optional_read_only_file_and_identities_are_per_cloud(rendered):
+    """Static keys: the Secret mnist-s3-credentials, optional, mounted read-only on the head and
+    workers where AWS_SHARED_CREDENTIALS_FILE points. Without it the pods start and use the
+    cloud's identity: IRSA, GKE or AKS Workload Identity, each from its component."""
+    name, by_kind, docs = rendered
+    config, rayjob = settings(by_kind), by_kind["RayJob"]
+    if "://" not in config["MNIST_STORAGE"]:
+        assert "mnist-s3-credentials" not in json.dumps(docs) and "AWS_SHARED_CREDENTIALS_FILE" not in config
+        return
+    for role, spec in pods(rayjob).items():
+        (container,) = spec["containers"]
+        secrets = [v for v in spec["volumes"] if "secret" in v]
+        if role == "submitter":
+            assert not secrets
+            continue
+        assert secrets == [{"name": "s3-credentials", "secret": {"secretName": "mnist-s3-credentials", "optional": True,
+                                                                 "defaultMode": 0o440}}], role
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "s3-credentials"]
+        assert mount["readOnly"] is True
+        assert Path(config["AWS_SHARED_CREDENTIALS_FILE"]).parent == Path(mount["mountPath"])
+    account = by_kind["ServiceAccount"].get("metadata", {}).get("annotations", {})
+    labels = {role: (rayjob["spec"]["submitterPodTemplate"] if role == "submitter" else g["template"])["metadata"]["labels"]
+              for role, g in [*((r, g) for r, (_t, g) in groups(rayjob).items()), ("submitter", None)]}
+    scheme = config["MNIST_STORAGE"].split("://")[0]
+    if name == "s3-irsa":
+        assert scheme == "s3" and account["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    elif name == "gcs-workload-identity":
+        assert scheme == "gs"
+        for role in ("head", "workers"):
+            assert pods(rayjob)[role]["nodeSelector"] == {"iam.gke.io/gke-metadata-server-enabled": "true"}
+        egress = [r for d in docs if d["kind"] == "NetworkPolicy" for r in d["spec"].get("egress", [])]
+        blocks = {(q["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in egress for q in r.get("to", []) if "ipBlock" in q}
+        assert blocks == {("169.254.169.254/32", 80), ("169.254.169.252/32", 988)}
+    elif name == "abfs-workload-identity":
+        assert scheme == "abfs" and "azure.workload.identity/client-id" in account
+        assert labels["head"]["azure.workload.identity/use"] == labels["workers"]["azure.workload.identity/use"] == "true"
+        assert "azure.workload.identity/use" not in labels["submitter"]
+    else:
+        assert not account
 
 
 def test_the_readme_pins_the_schemas_operator_and_its_commands_match_the_manifests():

@@ -6,11 +6,14 @@ the working directory. The endpoint is given both standard ways: AWS_ENDPOINT_UR
 pyarrow's `?endpoint_override=` in the URI.
 """
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import BUCKET, bucket_keys, free_port, run_cli
+from conftest import BUCKET, ROOT, bucket_keys, free_port, run_cli
 
 def keys(prefix: str) -> list[str]:
     return bucket_keys(prefix)
@@ -169,3 +172,55 @@ def test_in_process_training_writes_its_run_into_the_bucket(s3, tmp_path):
         assert f"local/one/{key}" in names, names
     assert any(n.startswith("local/one/tensorboard/events.out.tfevents.") for n in names), names
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_keys_from_the_kubernetes_secret_file_alone_reach_the_bucket(tmp_path):
+    """k8s/components/object-store mounts the Secret's `credentials` file and points
+    AWS_SHARED_CREDENTIALS_FILE at it, with no keys in the environment. Here a moto server that
+    checks signatures (INITIAL_NO_AUTH_ACTION_COUNT: only the set-up calls go unchecked) serves
+    the bucket: the store reaches it with the file's keys, and is refused without them."""
+    import subprocess
+    import sys
+
+    import boto3
+    from helpers.kuberay_local import render
+
+    config = next(d for d in render(ROOT / "k8s" / "overlays" / "s3") if d["kind"] == "ConfigMap")["data"]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "set-up", "aws_secret_access_key": "set-up"}
+        deadline = time.time() + 30
+        while True:
+            try:
+                iam = boto3.client("iam", **admin)
+                iam.create_user(UserName="mnist-dist")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        key = iam.create_access_key(UserName="mnist-dist")["AccessKey"]
+        iam.put_user_policy(UserName="mnist-dist", PolicyName="bucket", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        boto3.client("s3", **admin).create_bucket(Bucket="keys")  # the 4th and last unchecked call
+        # The file as `kubectl create secret generic mnist-s3-credentials --from-file=credentials=...` mounts it.
+        mounted = tmp_path / Path(config["AWS_SHARED_CREDENTIALS_FILE"]).relative_to("/")
+        mounted.parent.mkdir(parents=True)
+        mounted.write_text(f"[default]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = {key['SecretAccessKey']}\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1", AWS_SHARED_CREDENTIALS_FILE=str(mounted))
+        probe = ("from mnist_dist.store import Location; run = Location.of('s3://keys/runs'); run.check_reachable(); "
+                 "(run / 'probe.json').write_json({'ok': 1}); print((run / 'probe.json').read_json())")
+        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == "{'ok': 1}", proc.stdout + proc.stderr
+        mounted.unlink()  # no Secret: the optional volume is empty, and the store has no keys
+        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0, proc.stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)

@@ -42,11 +42,21 @@ SCRATCH = {
     "s3-irsa": ("../s3", [], ["../../components/aws-irsa"]),
     "gcs-workload-identity": ("../cpu", [], ["../../components/object-store", "../../components/gke-workload-identity"]),
     "abfs-workload-identity": ("../cpu", [], ["../../components/object-store", "../../components/aks-workload-identity"]),
+    # Each cloud's GPU placement, on the gpu overlay and (gke) the spot one.
+    "gpu-gke": ("../gpu", [], ["../../components/gpu-gke"]),
+    "gpu-eks": ("../gpu", [], ["../../components/gpu-eks"]),
+    "gpu-aks": ("../gpu", [], ["../../components/gpu-aks"]),
+    "gpu-spot-gke": ("../gpu-spot", [], ["../../components/gpu-gke"]),
 }
 # And the README's own examples, as written there: "big" (4 workers x 4 CPUs) and "options".
-README_OVERLAYS = ["big", "options"]
+README_OVERLAYS = ["big", "options", "readme-gpu-gke"]
 KUEUE = {"kueue", "options"}
-CPU_IMAGE, GPU_IMAGE = "registry.example.com/mnist-dist:0.1.0", "registry.example.com/mnist-dist:0.1.0-gpu"
+# The overlays pin both images by digest (placeholders for the digests `docker push` prints).
+CPU_IMAGE = "registry.example.com/mnist-dist@sha256:" + "0" * 64
+GPU_IMAGE = "registry.example.com/mnist-dist@sha256:" + "1" * 64
+GPU_COMPONENTS = {"gpu-gke": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                  "gpu-eks": {"node.kubernetes.io/instance-type": "g4dn.xlarge"},
+                  "gpu-aks": {"kubernetes.azure.com/accelerator": "nvidia"}}
 
 
 def scratch_kustomization(base: str, literals: list[str], components: list[str]) -> str:
@@ -55,7 +65,7 @@ def scratch_kustomization(base: str, literals: list[str], components: list[str])
         kustomization["components"] = components
     if literals:
         kustomization["configMapGenerator"] = [{"name": "mnist-pipeline", "behavior": "merge", "literals": literals}]
-    kustomization["transformers"] = ["../../wiring"]
+    kustomization["transformers"] = ["../../wiring/elastic" if base == "../gpu-spot" else "../../wiring"]
     return yaml.safe_dump(kustomization, sort_keys=False)
 
 
@@ -441,7 +451,24 @@ def test_gpus_on_workers_only_and_the_gpu_image_on_workers_only(rendered):
             assert quantity(container["resources"]["limits"]["memory"]) >= 8 * 2**30  # TensorFlow on a GPU + raylet
         else:
             assert container["image"] == CPU_IMAGE and "tolerations" not in pod
-    assert gpu == (name in ("gpu", "gpu-spot", "scratch-gpu-3x2"))
+    assert gpu == (name in ("gpu", "gpu-spot", "scratch-gpu-3x2", "gpu-spot-gke", "readme-gpu-gke", *GPU_COMPONENTS))
+
+
+def test_images_are_pinned_by_digest_and_pods_ask_for_the_images_architecture(rendered):
+    name, by_kind, _docs = rendered
+    for role, pod in pods(by_kind["RayJob"]).items():
+        (container,) = pod["containers"]
+        assert re.fullmatch(r"[\w./-]+@sha256:[0-9a-f]{64}", container["image"]), (role, container["image"])
+        assert pod["nodeSelector"]["kubernetes.io/arch"] == "amd64", role  # what the README's build makes
+    # GPU placement per cloud: on the workers only, next to the architecture.
+    component = next((c for c in GPU_COMPONENTS if name.endswith(c.removeprefix("gpu")) and "gpu" in name), None)
+    workers = pods(by_kind["RayJob"])["workers"]
+    expected = {"kubernetes.io/arch": "amd64", **(GPU_COMPONENTS[component] if component else {})}
+    assert {k: v for k, v in workers["nodeSelector"].items() if k != "iam.gke.io/gke-metadata-server-enabled"} == expected
+    assert ({"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in workers.get("tolerations", [])) \
+        == (component == "gpu-aks")
+    readme = (K8S / "README.md").read_text()
+    assert "--platform linux/amd64" in readme and "imagetools create" in readme  # one arch, and both
 
 
 def test_head_ports_are_the_ones_ray_listens_on(rendered):
@@ -569,7 +596,7 @@ def test_object_store_keys_are_an_optional_read_only_file_and_identities_are_per
     elif name == "gcs-workload-identity":
         assert scheme == "gs"
         for role in ("head", "workers"):
-            assert pods(rayjob)[role]["nodeSelector"] == {"iam.gke.io/gke-metadata-server-enabled": "true"}
+            assert pods(rayjob)[role]["nodeSelector"]["iam.gke.io/gke-metadata-server-enabled"] == "true"
         egress = [r for d in docs if d["kind"] == "NetworkPolicy" for r in d["spec"].get("egress", [])]
         blocks = {(q["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in egress for q in r.get("to", []) if "ipBlock" in q}
         assert blocks == {("169.254.169.254/32", 80), ("169.254.169.252/32", 988)}

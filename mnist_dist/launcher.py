@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnist_dist import compat, results, rundir, spot
+from mnist_dist import capacity, compat, results, rundir, spot
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import RunError
 from mnist_dist.rundir import run_dir
@@ -209,6 +209,8 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
 
     run = run_dir(config)
     Location.of(config.storage).check_shared({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    if ray_address(config):
+        check_cluster_can_hold(config)
     trainer = DataParallelTrainer(
         worker_main,
         backend_config=TfConfig(),
@@ -244,6 +246,39 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
     with best_checkpoint.as_directory() as directory:
         return results.finish(config, run, basename(best_checkpoint.path), Path(directory), best_metrics, result.metrics,
                               history, wall_seconds, log, test=scored)
+
+
+# Nodes that are still joining a cluster without an autoscaler get this long to show up.
+CAPACITY_WAIT_S = 30.0
+
+
+def check_cluster_can_hold(config: TrainConfig) -> None:
+    """On a cluster with no autoscaler, fail in under a minute, in one line, when its nodes can
+    never place the MIN workers asked for, instead of Ray Train waiting for them until a
+    deadline (mnist_dist.capacity)."""
+    import ray
+
+    deadline = time.monotonic() + CAPACITY_WAIT_S
+    while True:
+        totals = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        problem = capacity.shortfall(totals, config.min_workers or config.workers, config.cpus_per_worker,
+                                     config.gpus_per_worker)
+        if problem is None or autoscaler_may_watch():
+            return
+        if time.monotonic() > deadline:
+            raise RunError(problem)
+        time.sleep(2.0)
+
+
+def autoscaler_may_watch() -> bool:
+    """compat.autoscaler_watches, or True when it cannot tell (a Ray Client connection, say):
+    then Ray Train waits, as it would without this check."""
+    import ray
+
+    try:
+        return compat.autoscaler_watches(ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - an unanswered question must not fail a run
+        return True
 
 
 def pick_best(checkpoints: list):

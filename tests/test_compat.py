@@ -134,3 +134,29 @@ def test_ray_still_has_the_per_node_free_resources_and_draining_nodes_that_growt
     assert callable(state.available_resources_per_node) and callable(state.state.get_draining_nodes)
     source = Path(__import__("ray.train.v2._internal.execution.preemption", fromlist=["x"]).__file__).read_text()
     assert "get_draining_nodes()" in source  # what Ray Train's own watcher reads
+
+
+def test_ray_still_tells_whether_an_autoscaler_watches_the_cluster_as_ray_status_reads_it():
+    """compat.autoscaler_watches reads what `ray status` reads: the v1 monitor's status key
+    in the GCS's key-value store, and the v2 autoscaler's state version."""
+    import inspect
+
+    from ray._private import ray_constants
+    from ray._raylet import InnerGcsClient
+    from ray.autoscaler.v2.schema import Stats
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    assert ray_constants.DEBUG_AUTOSCALING_STATUS == "__autoscaling_status"
+    assert callable(InnerGcsClient.internal_kv_get) and callable(get_cluster_status)  # GcsClient forwards to it
+    assert "autoscaler_version" in {f.name for f in __import__("dataclasses").fields(Stats)}
+    status = inspect.getsource(__import__("ray.scripts.scripts", fromlist=["x"]).status.callback)
+    assert "DEBUG_AUTOSCALING_STATUS" in status
+    monitor = Path(__import__("ray.autoscaler._private.monitor", fromlist=["x"]).__file__).read_text()
+    assert "DEBUG_AUTOSCALING_STATUS" in monitor  # the v1 monitor still writes it
+    # ... and names the read-only provider's node types after the nodes (the "no autoscaler" case).
+    from ray.autoscaler._private.util import format_readonly_node_type
+
+    assert "format_readonly_node_type" in monitor and format_readonly_node_type("abc") == "node_abc"
+    from ray.autoscaler._private.autoscaler import AutoscalerSummary
+
+    assert "node_type_mapping" in {f.name for f in __import__("dataclasses").fields(AutoscalerSummary)}

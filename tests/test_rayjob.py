@@ -5,6 +5,7 @@ resources and entrypoint agree with each other and with the code."""
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,35 @@ def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(
     report = json.loads((run / "export" / "report.json").read_text())
     assert report["verified"] is True, report
     assert "2 worker(s)" in logs and "verified export written to" in logs
+
+
+# An overlay that changes the settings and forgets the wiring: the RayJob keeps the base's
+# 2 workers of 2 CPUs, while the pipeline asks Ray for 3 of 2.
+FORGOT_THE_WIRING = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../cpu]
+configMapGenerator:
+  - name: mnist-pipeline
+    behavior: merge
+    literals: [MNIST_WORKERS=3, MNIST_CPUS_PER_WORKER=2, MNIST_EPOCHS=1, MNIST_PRESET=smoke]
+"""
+
+
+def test_a_forgotten_wiring_fails_within_a_minute_in_one_line(tmp_path, mnist_dir):
+    k8s = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", k8s)
+    (k8s / "overlays" / "forgot").mkdir()
+    (k8s / "overlays" / "forgot" / "kustomization.yaml").write_text(FORGOT_THE_WIRING)
+    docs = render(k8s / "overlays" / "forgot")
+    with LocalRayJob(docs, ROOT, tmp_path / "volumes", mnist=mnist_dir) as job:
+        job.start()
+        started = time.monotonic()
+        status, logs = job.submit(timeout=300)
+        seconds = time.monotonic() - started
+    assert status == "FAILED", logs[-3000:]
+    # One line (the submitter prints the job's log again each time its pod is retried).
+    (line,) = {line for line in logs.splitlines() if "workers asked for" in line}
+    assert "place 2 of the 3 workers asked for (3 workers x 2 CPUs = 6 CPUs); its nodes have 4 CPUs in all" in line
+    assert "transformers: [../../wiring]" in line and "Traceback" not in logs
+    assert seconds < 60, f"the job took {seconds:.0f} s to fail"

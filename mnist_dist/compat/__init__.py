@@ -107,6 +107,29 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
     return {node: free for node, free in state.available_resources_per_node().items() if node not in draining}
 
 
+def autoscaler_watches(gcs_address: str) -> bool:
+    """Whether an autoscaler that can add nodes watches this cluster, read as `ray status`
+    reads it (ray.scripts.scripts.status, Ray 2.60); Ray offers no public call. A v2
+    autoscaler reports a state version. The v1 monitor writes its status into the GCS's
+    key-value store, but every `ray start --head` runs one: without an autoscaling config it
+    uses the read-only provider, which names each node's type after the node itself
+    (format_readonly_node_type). Types of their own (KubeRay's group names) mean a real one."""
+    import json
+
+    from ray._private import ray_constants
+    from ray._raylet import GcsClient
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    if get_cluster_status(gcs_address).stats.autoscaler_version not in ("", "0", "None"):
+        return True
+    status = GcsClient(address=gcs_address).internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS.encode(), None)
+    if not status:
+        return False
+    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(node_type != format_readonly_node_type(node) for node, node_type in mapping.items())
+
+
 # A drain without a deadline: Ray Train tears the group down this long after it saw the drain
 # (ray.train.v2._internal.constants.DEFAULT_PREEMPTION_DEADLINE_S, not public); the workers
 # wait that long after their just-in-time checkpoint (mnist_dist.spot).

@@ -230,7 +230,8 @@ class LocalRayJob:
             for mount in pod["containers"][0].get("volumeMounts", []):
                 if mount["name"] in claims:
                     self.paths.mapping[mount["mountPath"]] = volumes / claims[mount["name"]]
-                    self.volumes.append(volumes / claims[mount["name"]])
+                    if volumes / claims[mount["name"]] not in self.volumes:
+                        self.volumes.append(volumes / claims[mount["name"]])
         for folder in self.volumes:
             folder.mkdir(parents=True, exist_ok=True)
         self.marker = f"kuberay-local-{uuid.uuid4().hex}"

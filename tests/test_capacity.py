@@ -1,0 +1,27 @@
+"""The rule that fails a run at once on a cluster that can never place its workers
+(mnist_dist.capacity); tests/test_rayjob.py runs it on a RayJob with a forgotten wiring."""
+from mnist_dist import capacity
+
+HEAD = {"CPU": 0.0, "memory": 4e9}  # KubeRay's head: num-cpus 0
+
+
+def node(cpus, gpus=0.0):
+    return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+
+
+def test_workers_fit_node_by_node_never_across_nodes():
+    assert capacity.workers_that_fit([HEAD, node(2), node(2)], cpus=2, gpus=0) == 2
+    assert capacity.workers_that_fit([HEAD, node(3), node(3)], cpus=2, gpus=0) == 2  # 6 CPUs, but 1 worker a node
+    assert capacity.workers_that_fit([HEAD, node(4, 1), node(4, 2)], cpus=2, gpus=1) == 3
+    assert capacity.workers_that_fit([node(8, 0.5)], cpus=1, gpus=0.25) == 2  # fractional GPUs
+
+
+def test_a_forgotten_wiring_is_one_line_naming_both_numbers_and_the_fix():
+    # The RayJob kept 2 workers of 2 CPUs; the settings ask for 4 of 2.
+    problem = capacity.shortfall([HEAD, node(2), node(2)], workers=4, cpus=2, gpus=0)
+    assert "\n" not in problem
+    assert "place 2 of the 4 workers asked for (4 workers x 2 CPUs = 8 CPUs); its nodes have 4 CPUs in all" in problem
+    assert "transformers: [../../wiring]" in problem
+    assert capacity.shortfall([HEAD, node(2), node(2)], workers=2, cpus=2, gpus=0) is None
+    gpus = capacity.shortfall([HEAD, node(4, 1)], workers=2, cpus=2, gpus=1)
+    assert "= 4 CPUs and 2 GPUs" in gpus and "4 CPUs and 1 GPUs in all" in gpus

@@ -215,11 +215,13 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
         context = pod["securityContext"]
         assert context["runAsNonRoot"] is True and context["runAsUser"] != 0, where
         assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        # No API token in a pod that needs none; the head of an elastic group runs KubeRay's autoscaler, which does.
-        assert pod["automountServiceAccountToken"] is (name == "head" and elastic(by_kind["RayJob"])), where
+        # No API token mounted in any pod; the autoscaler's container alone gets one (below).
+        assert pod["automountServiceAccountToken"] is False, where
         assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod), where
-        assert all(set(v) <= {"name", "persistentVolumeClaim", "configMap", "secret", "emptyDir"}
+        assert all(set(v) <= {"name", "persistentVolumeClaim", "configMap", "secret", "emptyDir", "projected"}
                    for v in pod.get("volumes", [])), where  # no hostPath
+        for container in pod["containers"]:
+            assert not any("serviceaccount" in m["mountPath"] for m in container.get("volumeMounts", [])), where
         for container in pod["containers"] + pod.get("initContainers", []):
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False and not security.get("privileged"), where
@@ -230,6 +232,16 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
         security = by_kind["RayJob"]["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
         assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
         assert security["runAsNonRoot"] is True and security["seccompProfile"] == {"type": "RuntimeDefault"}
+        # KubeRay's autoscaler patches the RayCluster: the token automount would give every
+        # container of the head, here only the autoscaler's, at the path the client reads.
+        head = pods(by_kind["RayJob"])["head"]
+        (api,) = [v for v in head["volumes"] if v["name"] == "kube-api-access"]
+        sources = {next(iter(s)): s[next(iter(s))] for s in api["projected"]["sources"]}
+        assert sources["serviceAccountToken"]["path"] == "token" and sources["configMap"]["name"] == "kube-root-ca.crt"
+        assert sources["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        mounts = by_kind["RayJob"]["spec"]["rayClusterSpec"]["autoscalerOptions"]["volumeMounts"]
+        assert {"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                "readOnly": True} in mounts
 
 
 def test_every_container_has_a_read_only_root_and_a_writable_tmp(rendered):

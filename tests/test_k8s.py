@@ -744,3 +744,85 @@ def test_the_spot_overlay_puts_an_elastic_group_on_every_clouds_spot_nodes_and_d
     assert notice + 5 <= pod["terminationGracePeriodSeconds"]  # the hook's drain and wait fit in the grace period
     assert spec["enableInTreeAutoscaling"] is True and group["minReplicas"] < group["maxReplicas"]
     assert "COPY --chown=1000:100 scripts ./scripts" in (K8S / "image" / "Dockerfile").read_text()
+
+
+# ---- The scanner: checkov on every overlay's rendered objects ----
+
+CHECKOV_VERSION = "3.3.30"
+
+
+@pytest.fixture(scope="session")
+def checkov() -> list[str]:
+    """The command of checkov, in a virtual environment of its own (its pins of packaging,
+    boto3 and networkx clash with Ray's), made once and kept in the user's cache. A partial
+    environment is never taken for a made one: it is built beside, then renamed into place.
+    CHECKOV=/path/to/checkov runs another."""
+    if os.environ.get("CHECKOV"):
+        return [os.environ["CHECKOV"]]
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-dist" / f"checkov-{CHECKOV_VERSION}"
+    if not (home / "ready").exists():
+        partial = home.with_name(f"{home.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        venv.create(partial, with_pip=True)
+        proc = subprocess.run([partial / "bin" / "python", "-m", "pip", "install", "-q", f"checkov=={CHECKOV_VERSION}"],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (partial / "ready").write_text(CHECKOV_VERSION)
+        shutil.rmtree(home, ignore_errors=True)
+        partial.rename(home)  # the console script's shebang names the old path: run it as a module
+    return [str(home / "bin" / "python"), "-m", "checkov.main"]
+
+
+def scanned_objects(overlay: str, docs: list[dict]) -> list[tuple[str, str, dict]]:
+    """(object, role or kind, manifest) for checkov: each RayJob pod template as the Pod the
+    operator makes of it (checkov knows no RayJob), every other object as it is."""
+    found = []
+    for doc in docs:
+        if doc["kind"] != "RayJob":
+            found.append((f"{overlay}-{doc['kind']}-{doc['metadata']['name']}", doc["kind"], json.loads(json.dumps(doc))))
+            continue
+        templates = {role: group["template"] for role, (_t, group) in groups(doc).items()}
+        templates["submitter"] = doc["spec"]["submitterPodTemplate"]
+        for role, template in templates.items():
+            pod = {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": f"{overlay}-{role}", "labels": template["metadata"]["labels"]},
+                   "spec": json.loads(json.dumps(template["spec"]))}
+            found.append((f"{overlay}-{role}", role, pod))
+    return found
+
+
+@pytest.mark.slow
+def test_checkov_finds_nothing_but_the_listed_exceptions_in_any_overlay(tmp_path, scratch_k8s, checkov):
+    exceptions = yaml.safe_load((K8S / "checkov-exceptions.yaml").read_text())
+    rendered_sets = {name: render((K8S if name in OVERLAYS else scratch_k8s) / "overlays" / name)
+                     for name in OVERLAYS + list(SCRATCH) + README_OVERLAYS}
+    rendered_sets.update({f"storage-{cloud}": render(K8S / "storage" / cloud) for cloud in STORAGE_CLASSES})
+    scan = tmp_path / "scan"
+    waived: dict[str, set[str]] = {check: set() for check in exceptions}
+    for overlay, docs in rendered_sets.items():
+        for name, role, manifest in scanned_objects(overlay, docs):
+            notes = {f"checkov.io/skip{i}": f"{check}={' '.join(entry['reason'].replace('=', ' ').split())[:200]}"
+                     for i, (check, entry) in enumerate(exceptions.items(), 1) if role in entry["objects"]}
+            manifest["metadata"].setdefault("annotations", {}).update(notes)
+            for check, entry in exceptions.items():
+                if role in entry["objects"]:
+                    waived[check].add(name)
+            (scan / overlay).mkdir(parents=True, exist_ok=True)
+            (scan / overlay / f"{name}.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    proc = subprocess.run([*checkov, "-d", str(scan), "--framework", "kubernetes", "-o", "json", "--compact"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,  # no stray .checkov.yaml
+                          env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})  # offline: no download of Prisma's mappings
+    assert proc.returncode in (0, 1) and proc.stdout.strip(), proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    results = report["results"]
+    failed = sorted(f"{c['check_id']} {c['file_path']}: {c['check_name']}" for c in results.get("failed_checks", []))
+    assert not failed, "checkov failed these (fix them, or list them in k8s/checkov-exceptions.yaml with the reason):\n" \
+        + "\n".join(failed)
+    skipped: dict[str, set[str]] = {}
+    for c in results.get("skipped_checks", []):
+        skipped.setdefault(c["check_id"], set()).add(Path(c["file_path"]).stem)
+    for check, entry in exceptions.items():
+        assert entry["check"] in {c["check_name"] for c in results["skipped_checks"] if c["check_id"] == check}, check
+        assert skipped.get(check) == waived[check], f"{check} is waived where it would not fail: k8s/checkov-exceptions.yaml"
+    print(f"checkov {CHECKOV_VERSION}: {report['summary']['passed']} passed, {report['summary']['failed']} failed, "
+          f"{report['summary']['skipped']} waived, on {report['summary']['resource_count']} objects")

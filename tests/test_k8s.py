@@ -627,7 +627,7 @@ def test_the_readme_pins_the_schemas_operator_and_its_commands_match_the_manifes
     crd = json.loads((SCHEMAS / "RayJob.v1.schema.json").read_text())["properties"]["spec"]["properties"]
     assert {"preRunningDeadlineSeconds", "deletionStrategy", "submitterPodTemplate"} <= set(crd)  # >= 1.6.0
     for overlay in re.findall(r"k8s/overlays/([a-z0-9-]+)", readme):
-        assert overlay in OVERLAYS + README_OVERLAYS, overlay  # "big" is rendered from the README itself
+        assert overlay in OVERLAYS + README_OVERLAYS + ["mine"], overlay  # "big" is rendered from the README itself
     for component in re.findall(r"components/([a-z0-9-]+)", readme):
         assert (K8S / "components" / component / "kustomization.yaml").is_file(), component
     name = rayjob_of(render(K8S / "overlays" / "cpu"))["metadata"]["name"]
@@ -826,3 +826,29 @@ def test_checkov_finds_nothing_but_the_listed_exceptions_in_any_overlay(tmp_path
         assert skipped.get(check) == waived[check], f"{check} is waived where it would not fail: k8s/checkov-exceptions.yaml"
     print(f"checkov {CHECKOV_VERSION}: {report['summary']['passed']} passed, {report['summary']['failed']} failed, "
           f"{report['summary']['skipped']} waived, on {report['summary']['resource_count']} objects")
+
+
+def readme_lines(start: str, end: str) -> str:
+    """The README's shell lines from the one that starts with `start` to the one that ends with `end`."""
+    lines = (K8S / "README.md").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(start))
+    last = next(i for i in range(first, len(lines)) if lines[i].rstrip().endswith(end))
+    return "\n".join(lines[first:last + 1])
+
+
+def test_the_readmes_own_overlay_pins_the_pushed_image_and_its_efs_class_is_valid(tmp_path):
+    """The walkthrough's commands, run as written (but for `kubectl apply`): the overlay they
+    write renders every pod with IMAGE@DIGEST, and EKS's StorageClass is a valid object."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    image, digest = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mnist-dist", "sha256:" + "ab" * 32
+    env = {**os.environ, "IMAGE": image, "DIGEST": digest, "FS_ID": "fs-0123456789abcdef0"}
+    script = readme_lines("mkdir -p k8s/overlays/mine", "> k8s/overlays/mine/kustomization.yaml")
+    subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, check=True, timeout=30)
+    rayjob = rayjob_of(render(tmp_path / "k8s" / "overlays" / "mine"))
+    assert {c["image"] for pod in pods(rayjob).values() for c in pod["containers"]} == {f"{image}@{digest}"}
+    storage_class = readme_lines("printf '%s\\n' 'apiVersion: storage.k8s.io/v1'", "| kubectl apply -f -")
+    out = subprocess.run(["bash", "-euc", storage_class.replace("| kubectl apply -f -", "")], env=env,
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    made = yaml.safe_load(out)
+    kubernetes_validate.validate(made, kubernetes_validate.latest_version(), strict=True)
+    assert made["metadata"]["name"] == STORAGE_CLASSES["eks"] and made["parameters"]["fileSystemId"] == env["FS_ID"]

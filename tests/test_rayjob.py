@@ -34,6 +34,15 @@ transformers: [../../wiring]
 """
 
 
+def render_overlay(tmp_path: Path, name: str, kustomization: str) -> list[dict]:
+    """A user's own overlay beside the real ones, in a copy of k8s/, rendered."""
+    k8s = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", k8s)
+    (k8s / "overlays" / name).mkdir()
+    (k8s / "overlays" / name / "kustomization.yaml").write_text(kustomization)
+    return render(k8s / "overlays" / name)
+
+
 def test_a_pod_here_writes_only_to_its_empty_dirs_and_volumes(tmp_path):
     """The harness's stand-in for readOnlyRootFilesystem: a write outside the mounts fails."""
     volume, empty_dir = tmp_path / "volume", tmp_path / "emptydir"
@@ -47,11 +56,7 @@ def test_a_pod_here_writes_only_to_its_empty_dirs_and_volumes(tmp_path):
 
 
 def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(tmp_path, mnist_dir):
-    k8s = tmp_path / "k8s"
-    shutil.copytree(ROOT / "k8s", k8s)
-    (k8s / "overlays" / "tiny").mkdir()
-    (k8s / "overlays" / "tiny" / "kustomization.yaml").write_text(TINY)
-    docs = render(k8s / "overlays" / "tiny")
+    docs = render_overlay(tmp_path, "tiny", TINY)
     settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     # MNIST where the image has it (its MNIST_DATA_DIR): the job downloads nothing.
     with LocalRayJob(docs, ROOT, tmp_path / "volumes", mnist=mnist_dir) as job:
@@ -84,11 +89,7 @@ configMapGenerator:
 
 
 def test_a_forgotten_wiring_fails_within_a_minute_in_one_line(tmp_path, mnist_dir):
-    k8s = tmp_path / "k8s"
-    shutil.copytree(ROOT / "k8s", k8s)
-    (k8s / "overlays" / "forgot").mkdir()
-    (k8s / "overlays" / "forgot" / "kustomization.yaml").write_text(FORGOT_THE_WIRING)
-    docs = render(k8s / "overlays" / "forgot")
+    docs = render_overlay(tmp_path, "forgot", FORGOT_THE_WIRING)
     with LocalRayJob(docs, ROOT, tmp_path / "volumes", mnist=mnist_dir) as job:
         job.start()
         started = time.monotonic()

@@ -101,3 +101,4 @@ def test_a_forgotten_wiring_fails_within_a_minute_in_one_line(tmp_path, mnist_di
     assert "place 2 of the 3 workers asked for (3 workers x 2 CPUs = 6 CPUs); its nodes have 4 CPUs in all" in line
     assert "transformers: [../../wiring]" in line and "Traceback" not in logs
     assert seconds < 60, f"the job took {seconds:.0f} s to fail"
+    print(f"the forgotten wiring failed the job {seconds:.1f} s after its submission")

@@ -297,7 +297,10 @@ class Location:
         """
         if self._local:
             target = Path(self.uri)
-            staged.chmod(0o755)  # mkdtemp made it private; what is published is meant to be shared
+            # mkdtemp made it private; what is published is meant to be shared. A mount that sets
+            # modes itself refuses a chmod to a non-owner (SMB: Azure Files mounts as uid 0).
+            with contextlib.suppress(PermissionError):
+                staged.chmod(0o755)
             if not target.exists():
                 staged.rename(target)
                 return

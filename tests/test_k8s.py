@@ -53,7 +53,7 @@ README_OVERLAYS = ["big", "options", "readme-gpu-gke"]
 KUEUE = {"kueue", "options"}
 # The overlays pin both images by digest (placeholders for the digests `docker push` prints).
 CPU_IMAGE = "registry.example.com/mnist-dist@sha256:" + "0" * 64
-GPU_IMAGE = "registry.example.com/mnist-dist@sha256:" + "1" * 64
+GPU_IMAGE = "registry.example.com/mnist-dist-gpu@sha256:" + "1" * 64
 GPU_COMPONENTS = {"gpu-gke": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
                   "gpu-eks": {"node.kubernetes.io/instance-type": "g4dn.xlarge"},
                   "gpu-aks": {"kubernetes.azure.com/accelerator": "nvidia"}}
@@ -116,7 +116,7 @@ def elastic(rayjob) -> bool:
 def test_every_overlay_renders_the_expected_objects(rendered):
     _name, by_kind, docs = rendered
     # No PersistentVolumeClaim: the runs' volume is k8s/storage, so deleting a job never deletes the runs.
-    expected = ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "RayJob", "ServiceAccount"]
+    expected = ["ConfigMap", *["NetworkPolicy"] * (4 if elastic(by_kind["RayJob"]) else 3), "RayJob", "ServiceAccount"]
     assert sorted(doc["kind"] for doc in docs) == expected
 
 
@@ -261,7 +261,7 @@ def test_every_container_has_a_read_only_root_and_a_writable_tmp(rendered):
             assert len(tmp) == 1 and tmp[0] in empty_dirs, where
     # The image sends HOME's caches to /tmp (tests/helpers/kuberay_local.py gives the pods the same).
     dockerfile = (K8S / "image" / "Dockerfile").read_text()
-    for key in ("XDG_CACHE_HOME", "KERAS_HOME", "MPLCONFIGDIR"):
+    for key in ("XDG_CACHE_HOME", "KERAS_HOME", "MPLCONFIGDIR", "CUDA_CACHE_PATH"):
         assert re.search(rf"^ENV {key}=/tmp/", dockerfile, re.M), key
 
 
@@ -402,9 +402,10 @@ def test_the_network_policies_let_in_only_the_jobs_own_traffic(rendered):
     assert not allowed(docs, "in", head, submitter, GCS_PORT) and not allowed(docs, "in", worker, submitter, DASHBOARD_PORT)
     assert not allowed(docs, "out", submitter, worker, DASHBOARD_PORT)
     assert not any(allowed(docs, "in", submitter, peer, port) for peer in (head, worker, None) for port in ray_ports)
-    # Egress to the object store (443) only where the run is in one, or for the autoscaler's API calls.
-    https = allowed(docs, "out", worker, None, 443)
-    assert https == ("://" in settings(by_kind)["MNIST_STORAGE"] or elastic(rayjob)), name
+    # Egress to the object store (443) only where the run is in one; the head's autoscaler calls the API server.
+    bucket = "://" in settings(by_kind)["MNIST_STORAGE"]
+    assert allowed(docs, "out", worker, None, 443) == bucket, name
+    assert allowed(docs, "out", head, None, 443) == (bucket or elastic(rayjob)), name
     assert not allowed(docs, "out", worker, None, 80) and not allowed(docs, "out", submitter, None, 443)
     # The KubeRay operator polls the job on the head's dashboard, from the namespace the README installs it in.
     (dashboard,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-dashboard")]
@@ -476,7 +477,7 @@ def test_images_are_pinned_by_digest_and_pods_ask_for_the_images_architecture(re
     component = next((c for c in GPU_COMPONENTS if name.endswith(c.removeprefix("gpu")) and "gpu" in name), None)
     workers = pods(by_kind["RayJob"])["workers"]
     expected = {"kubernetes.io/arch": "amd64", **(GPU_COMPONENTS[component] if component else {})}
-    assert {k: v for k, v in workers["nodeSelector"].items() if k != "iam.gke.io/gke-metadata-server-enabled"} == expected
+    assert workers["nodeSelector"] == expected
     assert ({"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in workers.get("tolerations", [])) \
         == (component == "gpu-aks")
     readme = (K8S / "README.md").read_text()
@@ -607,8 +608,6 @@ def test_object_store_keys_are_an_optional_read_only_file_and_identities_are_per
         assert scheme == "s3" and account["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
     elif name == "gcs-workload-identity":
         assert scheme == "gs"
-        for role in ("head", "workers"):
-            assert pods(rayjob)[role]["nodeSelector"]["iam.gke.io/gke-metadata-server-enabled"] == "true"
         egress = [r for d in docs if d["kind"] == "NetworkPolicy" for r in d["spec"].get("egress", [])]
         blocks = {(q["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in egress for q in r.get("to", []) if "ipBlock" in q}
         assert blocks == {("169.254.169.254/32", 80), ("169.254.169.252/32", 988)}
@@ -846,6 +845,15 @@ def test_the_readmes_own_overlay_pins_the_pushed_image_and_its_efs_class_is_vali
     subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, check=True, timeout=30)
     rayjob = rayjob_of(render(tmp_path / "k8s" / "overlays" / "mine"))
     assert {c["image"] for pod in pods(rayjob).values() for c in pod["containers"]} == {f"{image}@{digest}"}
+    # On overlays/gpu, the GPU image is pinned by its own name: each pod keeps its kind of image.
+    gpu = tmp_path / "k8s" / "overlays" / "mine-gpu"
+    gpu.mkdir()
+    overlay = yaml.safe_load((tmp_path / "k8s" / "overlays" / "mine" / "kustomization.yaml").read_text())
+    overlay["resources"] = ["../gpu"]
+    overlay["images"].append({"name": "registry.example.com/mnist-dist-gpu", "newName": image + "-gpu", "digest": digest})
+    (gpu / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    images = {role: pod["containers"][0]["image"] for role, pod in pods(rayjob_of(render(gpu))).items()}
+    assert images == {"head": f"{image}@{digest}", "submitter": f"{image}@{digest}", "workers": f"{image}-gpu@{digest}"}
     storage_class = readme_lines("printf '%s\\n' 'apiVersion: storage.k8s.io/v1'", "| kubectl apply -f -")
     out = subprocess.run(["bash", "-euc", storage_class.replace("| kubectl apply -f -", "")], env=env,
                          capture_output=True, text=True, check=True, timeout=30).stdout

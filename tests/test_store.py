@@ -1,6 +1,7 @@
 """The run store (mnist_dist/store.py): one semantics on a local disk and in a real S3-compatible
 bucket (moto's server), tested in this process, without Ray or TensorFlow."""
 import os
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -273,3 +274,22 @@ def test_a_folder_deleted_whole_loses_its_commit_record_first_and_nothing_there_
     checkpoint.delete_tree(commit="state.json")
     assert not checkpoint.exists() and (root / "keep.json").is_file()
     checkpoint.delete_tree(commit="state.json")  # already gone
+
+
+def test_publish_on_a_mount_that_refuses_chmod_still_swaps_the_folder_in(tmp_path, monkeypatch):
+    """SMB mounts (Azure Files, k8s/storage/aks) set modes themselves and refuse a chmod
+    from a user who is not the mount's owner: the folder is published all the same."""
+    target = Location.of(tmp_path) / "export"
+    real = Path.chmod
+
+    def refused(self, mode, **kwargs):
+        if self.parent == tmp_path or str(self).startswith(str(tmp_path)):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real(self, mode, **kwargs)
+
+    with target.staging() as staged:
+        ownership.mark(staged, "export")
+        (staged / "report.json").write_text("{}")
+        monkeypatch.setattr(Path, "chmod", refused)
+        ownership.publish(staged, target, "export", commit="report.json")
+    assert (target / "report.json").read_bytes() == b"{}"

@@ -31,7 +31,8 @@ import yaml
 IMAGE_WORKDIR = "/app"  # k8s/image/Dockerfile: WORKDIR, where the checkout's files are copied
 IMAGE_MNIST = "/app/data/mnist"  # k8s/image/Dockerfile: MNIST, downloaded and verified at build time
 IMAGE_ENV = {"MNIST_DATA_DIR": IMAGE_MNIST, "TF_CPP_MIN_LOG_LEVEL": "2",  # k8s/image/Dockerfile: ENV
-             "XDG_CACHE_HOME": "/tmp/.cache", "KERAS_HOME": "/tmp/.keras", "MPLCONFIGDIR": "/tmp/.config/matplotlib"}
+             "XDG_CACHE_HOME": "/tmp/.cache", "KERAS_HOME": "/tmp/.keras", "MPLCONFIGDIR": "/tmp/.config/matplotlib",
+             "CUDA_CACHE_PATH": "/tmp/.nv/ComputeCache"}
 GCS_PORT, DASHBOARD_PORT, METRICS_PORT, AGENT_PORT = 6379, 8265, 8080, 52365  # the operator's defaults
 # utils.BasePythonHealthCommand and its timeout: the submitter waits for this before submitting.
 HEALTH = "python -c \"import urllib.request; r=urllib.request.urlopen('%s', timeout=%d); exit(0 if b'success' in r.read() else 1)\""

@@ -182,24 +182,35 @@ def localize(params: dict[str, str], node_type: str, ports: dict[str, int]) -> d
     return params
 
 
-def read_only_pod(command: str, cwd: Path, empty_dirs: dict[str, Path], volumes: list[Path]) -> list[str]:
+def read_only_pod(command: str, cwd: Path, empty_dirs: dict[str, Path], volumes: list[Path],
+                  image: list[Path] = ()) -> list[str]:
     """`command` as a container with `readOnlyRootFilesystem: true` runs it: in a mount namespace
     of its own where / is read-only, each emptyDir is a fresh folder at its mount path, and the
     volumes (folders here, named by `Paths`) stay writable. A write anywhere else fails with
-    EROFS, as it would in the pod. Ray's daemons and the job's driver, started by it, inherit it."""
+    EROFS, as it would in the pod. Ray's daemons and the job's driver, started by it, inherit it.
+
+    What stands for the image here (the checkout, the virtual environment, MNIST: `image`) and
+    the volumes may lie under an emptyDir's mount path (a checkout in /tmp): they are carried
+    into the fresh folder, the image's paths read-only, so that the pod still sees them."""
     import shlex
 
+    def q(path) -> str:
+        return shlex.quote(str(path))
+
     steps = ["set -e"]
+    carried = [(v, False) for v in volumes] + [(Path(i), True) for i in image]
     for mount_path, folder in empty_dirs.items():
-        for volume in volumes:  # a volume under the emptyDir's mount path (pytest's /tmp): carried inside it
-            if volume.is_relative_to(mount_path):
-                inside = folder / volume.relative_to(mount_path)
-                steps += [f"mkdir -p {shlex.quote(str(inside))}", f"mount --bind {shlex.quote(str(volume))} {shlex.quote(str(inside))}"]
-        steps.append(f"mount --rbind {shlex.quote(str(folder))} {shlex.quote(mount_path)}")
+        for path, read_only in carried:
+            if path.is_relative_to(mount_path):
+                inside = folder / path.relative_to(mount_path)
+                steps += [f"mkdir -p {q(inside)}", f"mount --bind {q(path)} {q(inside)}"]
+                if read_only:
+                    steps.append(f"mount -o remount,bind,ro {q(inside)}")
+        steps.append(f"mount --rbind {q(folder)} {q(mount_path)}")
     for volume in volumes:
         if not any(volume.is_relative_to(m) for m in empty_dirs):
-            steps.append(f"mount --bind {shlex.quote(str(volume))} {shlex.quote(str(volume))}")
-    steps += ["mount -o remount,bind,ro /", f"cd {shlex.quote(str(cwd))}", f"exec /bin/bash -c -- {shlex.quote(command)}"]
+            steps.append(f"mount --bind {q(volume)} {q(volume)}")
+    steps += ["mount -o remount,bind,ro /", f"cd {q(cwd)}", f"exec /bin/bash -c -- {q(command)}"]
     return ["unshare", "--mount", "--propagation", "private", "--", "/bin/bash", "-c", "; ".join(steps)]
 
 
@@ -220,8 +231,11 @@ class LocalRayJob:
         (self.rayjob,) = by_kind["RayJob"]
         self.configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind.get("ConfigMap", [])}
         self.submitter = self.rayjob["spec"]["submitterPodTemplate"]["spec"]
+        checkout, mnist = checkout.resolve(), mnist.resolve()
         self.paths = Paths({IMAGE_MNIST: mnist, IMAGE_WORKDIR: checkout})  # the image's MNIST before the rest of /app
         self.checkout = checkout
+        # What stands for the image: the checkout (/app), MNIST, and the Python that runs it all.
+        self.image = sorted({checkout, mnist, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()})
         self.volumes: list[Path] = []  # each PersistentVolumeClaim's folder here, the same for every pod
         for pod in [group["template"]["spec"] for _type, group in groups(self.rayjob).values()] + [self.submitter]:
             claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
@@ -262,7 +276,7 @@ class LocalRayJob:
             if mount["name"] in volumes:
                 empty_dirs[mount["mountPath"]] = Path(tempfile.mkdtemp(prefix="pod-"))
                 self.temp_dirs.append(str(empty_dirs[mount["mountPath"]]))
-        return read_only_pod(command, self.checkout, empty_dirs, self.volumes)
+        return read_only_pod(command, self.checkout, empty_dirs, self.volumes, self.image)
 
     def _start_pod(self, name: str, node_type: str, group: dict) -> subprocess.Popen:
         params = localize(ray_start_params(group, node_type), node_type, self.ports)

@@ -53,7 +53,7 @@ def test_a_pod_here_writes_only_to_its_empty_dirs_and_volumes(tmp_path):
     image = tmp_path / "checkout"
     (image / "src").mkdir(parents=True)
     script += f"; test -d {image}/src && echo sees-the-image; touch {image}/src/x 2>/dev/null && echo LEAK image; true"
-    proc = subprocess.run(read_only_pod(script.format(v=volume), ROOT, {"/tmp": empty_dir}, [volume], [image]),
+    proc = subprocess.run(read_only_pod(script.format(v=volume), image, {"/tmp": empty_dir}, [volume], [image]),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.split() == ["wrote", "sees-the-image"], proc.stdout + proc.stderr
     assert (empty_dir / "a").exists() and (volume / "b").exists() and not Path("/tmp/a").exists()

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mnist_edge.runtime import FP32_FILE, INT8_FILE, META_LABELS, META_NORMALIZATION, META_SESSION
+from mnist_edge.runtime import (
+    FP32_FILE,
+    INT8_FILE,
+    META_LABELS,
+    META_NORMALIZATION,
+    META_SESSION,
+    ORT_FILES,
+    REQUIRED_OPERATORS,
+)
 
 from mnist_dist import machine, onnx_graph, ownership
 from mnist_dist.checkpoint import CheckpointError, file_sha256, load_model_at, write_json_atomic
@@ -165,6 +173,40 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, wor
     prepared.unlink()
 
 
+def to_ort(onnx_path: Path, ort_path: Path) -> None:
+    """The ONNX Runtime format of a model, for ORT's minimal and mobile builds, made as
+    `onnxruntime.tools.convert_onnx_models_to_ort` makes it (optimized once, at every level,
+    "Fixed" style), but for any CPU: without the x86-only NCHWc layout, as the tool does for
+    non-amd64 targets, and with the optimizers the model itself switches off (META_SESSION)."""
+    import onnxruntime as ort
+    from mnist_edge.runtime import session_settings
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(ort_path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.log_severity_level = 3
+    disabled = ["NchwcTransformer", *session_settings(onnx_path).get("disabled_optimizers", [])]
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def write_required_operators(ort_paths: list[Path], config: Path) -> None:
+    """The operators (by domain and opset) the .ort models use: the config a reduced ONNX
+    Runtime build takes, so that it holds only those kernels."""
+    import contextlib
+    import io
+    import logging
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import create_config_from_models
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the tool prints and logs what it did
+        logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
+        create_config_from_models(ort_paths, config, enable_type_reduction=False)
+    # Its header names the models by this machine's (temporary) paths: keep their names only.
+    lines = config.read_text().splitlines()
+    config.write_text("\n".join(f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line for line in lines) + "\n")
+
+
 def _compare(name: str, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, path: Path,
              tf_accuracy: float) -> dict[str, Any]:
     from mnist_dist.timing import latency_us, ort_session, throughput
@@ -289,23 +331,35 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
     onnx_graph.set_metadata(int8, {**metadata, META_SESSION: json.dumps(INT8_SESSION)})
     onnx.save(int8, work / INT8_FILE)
     log(f"quantized to int8 (static QDQ, per-channel, first convolution in fp32, {len(calibration)} training images for calibration)")
+    for onnx_file, ort_file in ORT_FILES.items():
+        to_ort(work / onnx_file, work / ort_file)
+    write_required_operators([work / f for f in ORT_FILES.values()], work / REQUIRED_OPERATORS)
+    log(f"converted both to the ONNX Runtime format ({', '.join(ORT_FILES.values())}; {REQUIRED_OPERATORS} "
+        "for a reduced build)")
 
     log(f"verifying on all {len(data.test_y)} test images ...")
     test_x = normalize(data.test_x)
     reference = predict_logits(model, data.test_x, log=log)
     tf_accuracy = float((reference.argmax(1) == data.test_y).mean())
     sections = {}
-    for name, filename in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+    for name, filename in (("fp32", FP32_FILE), ("int8", INT8_FILE),
+                           ("fp32_ort", ORT_FILES[FP32_FILE]), ("int8_ort", ORT_FILES[INT8_FILE])):
         logits = ort_logits(work / filename, test_x, log=log)
         log(f"  timing {filename}: batch-1 latency and batch-256 throughput, 1 thread ...")
         sections[name] = _compare(name, logits, reference, data.test_y, work / filename, tf_accuracy)
-    rules = verification_rules(sections, options.tolerance, options.max_int8_drop_pp)
+    rules = (verification_rules(sections, options.tolerance, options.max_int8_drop_pp)
+             + verification_rules({"fp32": sections["fp32_ort"], "int8": sections["int8_ort"]}, options.tolerance,
+                                  options.max_int8_drop_pp, prefix="ort_"))
     report = {
         "schema_version": SCHEMA_VERSION,
         "verified": all(rule["passed"] for rule in rules),
         "rules": rules,
         "fp32": sections["fp32"],
         "int8": sections["int8"],
+        # The same models in the ONNX Runtime format, verified alike, and the operators a
+        # reduced ORT build needs for them.
+        "ort_format": {"fp32": sections["fp32_ort"], "int8": sections["int8_ort"],
+                       "required_operators": REQUIRED_OPERATORS},
         "test_images": len(data.test_y),
         "data_source": data.source,
         "model": config.model,
@@ -327,12 +381,14 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
     return report
 
 
-def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, max_int8_drop_pp: float) -> list[dict[str, Any]]:
+def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, max_int8_drop_pp: float,
+                       prefix: str = "") -> list[dict[str, Any]]:
+    """The rules an fp32 and an int8 file must pass against TensorFlow (rule names get `prefix`)."""
     fp32, int8 = sections["fp32"], sections["int8"]
     # Rounded far below one image of 10,000: in floats 0.9635 - 0.9625 is 0.1000000000000001
     # points, and 10 images lost out of 10,000 must pass a limit of 0.1 points.
     drop_pp = round(100 * (int8["tf_accuracy"] - int8["ort_accuracy"]), 9)
-    return [
+    return [{**rule, "rule": prefix + rule["rule"]} for rule in [
         {"rule": "fp32_argmax_agreement", "passed": fp32["argmax_disagreements"] == 0,
          "detail": f"{fp32['argmax_disagreements']} of the test images classified differently from TensorFlow (must be 0)"},
         {"rule": "fp32_logit_tolerance", "passed": fp32["max_abs_logit_diff"] <= tolerance,
@@ -340,7 +396,7 @@ def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, ma
         {"rule": "int8_accuracy_drop", "passed": drop_pp <= max_int8_drop_pp,
          "detail": f"int8 accuracy {100 * int8['ort_accuracy']:.2f}% vs TensorFlow {100 * int8['tf_accuracy']:.2f}%: "
                    f"drop {drop_pp:.2f} pp (must be <= {max_int8_drop_pp:g} pp)"},
-    ]
+    ]]
 
 
 def publish(work: Path, out_dir: Location, verified: bool, protected: tuple[Location, ...] = ()) -> None:
@@ -350,10 +406,16 @@ def publish(work: Path, out_dir: Location, verified: bool, protected: tuple[Loca
                       fix="choose another --out (an export never replaces a folder it did not write)")
 
 
+def sections_of(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each verified file's figures by a short name: fp32, int8, and their .ort twins."""
+    ort_format = report.get("ort_format", {})  # exports before the .ort files have none
+    return {"fp32": report["fp32"], "int8": report["int8"],
+            **{f"{name} .ort": ort_format[name] for name in ("fp32", "int8") if name in ort_format}}
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
-    for name in ("fp32", "int8"):
-        s = report[name]
+    for name, s in sections_of(report).items():
         lines.append(f"{name}: accuracy ORT {100 * s['ort_accuracy']:.2f}% vs TF {100 * s['tf_accuracy']:.2f}%, "
                      f"{s['argmax_disagreements']} argmax disagreements, max |dlogit| {s['max_abs_logit_diff']:.2e}, "
                      f"{s['size_bytes'] / 1e6:.2f} MB, batch-1 p50 {s['latency_us_p50']:.0f} us / p99 {s['latency_us_p99']:.0f} us, "
@@ -363,11 +425,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def report_markdown(report: dict[str, Any]) -> str:
     verdict = "VERIFIED" if report["verified"] else "REJECTED"
-    rows = ["| | fp32 | int8 |", "|---|---|---|"]
-    for key, fmt in (("ort_accuracy", "{:.4f}"), ("tf_accuracy", "{:.4f}"), ("argmax_disagreements", "{}"),
+    sections = sections_of(report)
+    rows = ["| | " + " | ".join(sections) + " |", "|---|" + "---|" * len(sections)]
+    for key, fmt in (("file", "`{}`"), ("ort_accuracy", "{:.4f}"), ("tf_accuracy", "{:.4f}"), ("argmax_disagreements", "{}"),
                      ("max_abs_logit_diff", "{:.2e}"), ("mean_abs_logit_diff", "{:.2e}"), ("size_bytes", "{:,}"),
                      ("latency_us_p50", "{:.0f}"), ("latency_us_p99", "{:.0f}"), ("throughput_b256", "{:.0f}")):
-        rows.append(f"| {key} | {fmt.format(report['fp32'][key])} | {fmt.format(report['int8'][key])} |")
+        rows.append(f"| {key} | " + " | ".join(fmt.format(s[key]) for s in sections.values()) + " |")
     rules = [f"- {'pass' if r['passed'] else 'FAIL'} `{r['rule']}`: {r['detail']}" for r in report["rules"]]
     return "\n".join([
         f"# Export report: {verdict}", "",

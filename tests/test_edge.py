@@ -150,3 +150,28 @@ def test_a_reader_that_stops_early_ends_predict_quietly(exported, mnist_dir):
     proc.stdout.close()  # the reader goes away, as `head -1` does
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and "Traceback" not in err, err
+
+
+def test_the_edge_runtime_loads_the_ort_format_and_answers_as_its_onnx_twin(exported, test_images):
+    from mnist_edge import Classifier
+
+    images, _ = test_images
+    for int8 in (False, True):
+        onnx_model = Classifier(exported["dir"], int8=int8)
+        ort_model = Classifier(exported["dir"], int8=int8, ort_format=True)
+        assert ort_model.path.suffix == ".ort" and ort_model.labels == onnx_model.labels
+        onnx_labels, onnx_probs = onnx_model.predict(images[:500])
+        ort_labels, ort_probs = ort_model.predict(images[:500])
+        assert (onnx_labels == ort_labels).all() and np.abs(onnx_probs - ort_probs).max() < 1e-4, int8
+
+
+def test_the_edge_cli_runs_an_ort_file_without_tensorflow_or_onnx(exported, tmp_path, test_images):
+    images, labels = test_images
+    np.save(tmp_path / "x.npy", images[:8])
+    for args in (["--model", exported["dir"] / "model.int8.ort"], ["--model", exported["dir"], "--ort", "--int8"]):
+        proc = edge(*args, "--json", tmp_path / "x.npy")
+        assert proc.returncode == 0, proc.stderr
+        status = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert status == {"exit": 0, "heavy_modules": []}
+        predicted = [row["label"] for row in json.loads(proc.stdout)["predictions"]]
+        assert np.mean(np.array(predicted, dtype=int) == labels[:8]) >= 0.75, proc.stdout

@@ -140,7 +140,8 @@ def test_force_replaces_a_verified_export(small_run, tmp_path):
         export()
     export(force=True)
     assert (out / "model.onnx").is_file() and json.loads((out / "report.json").read_text())["created"] >= first
-    assert {p.name for p in out.iterdir()} == {export_mod.ownership.MARKER, "model.onnx", "model.int8.onnx", "report.json",
+    assert {p.name for p in out.iterdir()} == {export_mod.ownership.MARKER, "model.onnx", "model.int8.onnx", "model.ort",
+                                               "model.int8.ort", "required_operators.config", "report.json",
                                                "report.md"}  # its own files, nothing else
     assert not list(tmp_path.glob(".out*"))  # no temporary or backup folder left behind
 
@@ -203,3 +204,37 @@ def test_the_edge_model_exports_lean_small_and_exact(tmp_path, mnist_dir):
     assert int8.stat().st_size <= 150_000 and fp32.stat().st_size <= 300_000
     logits = open_session(fp32, threads=1).run(None, {"image": images[:64]})[0]
     np.testing.assert_allclose(logits, model(images[:64], training=False).numpy(), atol=1e-4)
+
+
+def test_the_ort_format_twins_are_verified_alike_and_name_their_operators(exported):
+    """model.ort and model.int8.ort, for ONNX Runtime's minimal and mobile builds: verified on
+    the whole test set against TensorFlow as their .onnx twins are, with the operators a
+    reduced build needs in required_operators.config."""
+    out = exported["dir"]
+    report = json.loads((out / "report.json").read_text())
+    ort_format = report["ort_format"]
+    for name, file in (("fp32", "model.ort"), ("int8", "model.int8.ort")):
+        section = ort_format[name]
+        assert section["file"] == file and section["size_bytes"] == (out / file).stat().st_size
+        assert all(key in section for key in NUMBERS), name
+        assert (out / file).read_bytes()[4:8] == b"ORTM"  # the ORT format's flatbuffer identifier
+    rules = {rule["rule"]: rule["passed"] for rule in report["rules"]}
+    assert rules == {**{r: True for r in ("fp32_argmax_agreement", "fp32_logit_tolerance", "int8_accuracy_drop")},
+                     **{f"ort_{r}": True for r in ("fp32_argmax_agreement", "fp32_logit_tolerance", "int8_accuracy_drop")}}
+    assert ort_format["fp32"]["argmax_disagreements"] == 0 and ort_format["fp32"]["max_abs_logit_diff"] <= 1e-4
+    # The reduced build's config: every operator domain and opset the two models run.
+    config = (out / ort_format["required_operators"]).read_text()
+    lines = [line for line in config.splitlines() if line and not line.startswith("#")]
+    ops = {op for line in lines for op in line.split(";")[2].split(",")}
+    assert any(line.startswith("ai.onnx;") for line in lines)
+    assert {"MaxPool", "QuantizeLinear", "DequantizeLinear"} <= ops, config
+    assert "fp32 .ort" in (out / "report.md").read_text()
+
+
+def test_the_ort_files_keep_the_metadata_and_the_int8_session_settings(exported):
+    import onnxruntime as ort
+
+    for onnx_file, ort_file in (("model.onnx", "model.ort"), ("model.int8.onnx", "model.int8.ort")):
+        meta = {p.key: p.value for p in onnx.load(exported["dir"] / onnx_file).metadata_props}
+        session = ort.InferenceSession(str(exported["dir"] / ort_file), providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map == meta, ort_file

@@ -17,15 +17,22 @@ META_LABELS = "mnist_dist.labels"
 META_SESSION = "mnist_dist.ort_session"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+# The same models in the ONNX Runtime format, which ORT's minimal and mobile builds load.
+ORT_FILES = {FP32_FILE: "model.ort", INT8_FILE: "model.int8.ort"}
+# The operators of the .ort models: what a reduced ORT build takes (--include_ops_by_config).
+REQUIRED_OPERATORS = "required_operators.config"
 
 
-def resolve_model(path: str | Path, int8: bool = False) -> Path:
-    """A .onnx file, or an export directory (its model.onnx, or model.int8.onnx with int8)."""
+def resolve_model(path: str | Path, int8: bool = False, ort_format: bool = False) -> Path:
+    """A .onnx or .ort file, or an export directory (its model.onnx, model.int8.onnx with
+    int8, or their .ort twins with ort_format)."""
     path = Path(path)
     if path.is_dir():
-        path = path / (INT8_FILE if int8 else FP32_FILE)
+        name = INT8_FILE if int8 else FP32_FILE
+        path = path / (ORT_FILES[name] if ort_format else name)
     if not path.is_file():
-        raise EdgeError(f"{path}: model file not found. Fix: pass an export directory made by `mnist-dist export`, or a .onnx file.")
+        raise EdgeError(f"{path}: model file not found. Fix: pass an export directory made by `mnist-dist export`, "
+                        "or a .onnx or .ort file.")
     return path
 
 
@@ -56,8 +63,8 @@ def open_session(path: str | Path, threads: int = 1, profile_prefix: str | None 
 
 
 class Classifier:
-    def __init__(self, model: str | Path, int8: bool = False, threads: int = 1):
-        self.path = resolve_model(model, int8)
+    def __init__(self, model: str | Path, int8: bool = False, threads: int = 1, ort_format: bool = False):
+        self.path = resolve_model(model, int8, ort_format)
         try:
             self.session = open_session(self.path, threads)
         except Exception as exc:  # onnxruntime raises its own opaque types for bad files

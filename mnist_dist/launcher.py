@@ -56,18 +56,19 @@ def worker_main(loop_config: dict[str, Any]) -> None:
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.node").write_text(ray.get_runtime_context().get_node_id())
     process_setup.quiet_worker_logs()
+    log = process_setup.rank_console(session.rank)
     if pinned and session.rank == 0:
-        process_setup.console(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
+        log(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
     if plan.use_gpu and session.rank == 0:
-        process_setup.console(process_setup.gpu_line(plan, process_setup.cluster_size()))
+        log(process_setup.gpu_line(plan, process_setup.cluster_size()))
     from mnist_dist.compat import ray_backend
 
     ray_backend.release_port()  # held since the backend chose it, so no other worker on the node got it too
     strategy = process_setup.make_strategy(plan)
     from mnist_dist.loop import Trainer, TrainingDiverged
 
-    trainer = Trainer(config, session, strategy=strategy, log=process_setup.console)
+    trainer = Trainer(config, session, strategy=strategy, log=log)
     try:
         trainer.run()
     except TrainingDiverged as exc:
@@ -101,6 +102,8 @@ def init_ray(config: TrainConfig) -> None:
 
     if ray.is_initialized():
         return
+    if not sys.stdout.isatty():  # a file, a pipe, `kubectl logs`: Ray's documented switch for plain prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = ray_address(config)
     if address:  # a cluster: `auto`, `ray://host:10001`, or the one a Ray job runs in (Ray sets RAY_ADDRESS there)
         ray.init(address=address, log_to_driver=True)

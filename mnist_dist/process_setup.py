@@ -189,6 +189,12 @@ def console(message: str) -> None:
     sys.stdout.flush()
 
 
+def rank_console(rank: int):
+    """A worker's console: each line names the rank that wrote it, which Ray's own prefix,
+    `(RayTrainWorker pid=...)`, does not."""
+    return lambda message: console("\n".join(f"[rank {rank}] {line}" for line in message.split("\n")))
+
+
 def quiet_worker_logs() -> None:
     """Keep the driver's console to the progress lines of rank 0."""
     import logging

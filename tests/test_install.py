@@ -61,11 +61,12 @@ def test_the_installed_wheel_trains_in_process_from_relative_paths(installed, tm
     assert Path(result["config"]["data_dir"]) == mnist_dir.resolve()  # settled to an absolute path
 
 
-# Each line a first pipeline prints, after Ray's "(RayTrainWorker pid=N)" prefix.
+# Each line a first pipeline prints, after Ray's "(RayTrainWorker pid=N)" prefix and a worker's "[rank R]".
 OWN_LINES = ("worker threads pinned: ", "MNIST from ", "model lenet5: ", "step ", "epoch 1/1: ", "best epoch 1: ",
              "time: ", "best checkpoint: ", "run directory: ", "exporting lenet5 from ", "converted to ONNX ",
-             "quantized to int8 ", "verifying on all 10000 test images", "  TensorFlow: ", "  ONNX Runtime model",
-             "  timing model", "fp32: accuracy ", "int8: accuracy ", "verified export written to ", '{"best_epoch"')
+             "quantized to int8 ", "converted both to the ONNX Runtime format ", "verifying on all 10000 test images",
+             "  TensorFlow: ", "  ONNX Runtime model", "  timing model", "fp32: accuracy ", "int8: accuracy ",
+             "fp32 .ort: accuracy ", "int8 .ort: accuracy ", "verified export written to ", '{"best_epoch"')
 
 
 def test_a_new_users_first_pipeline_from_the_readme_offline_recipe(installed, tmp_path, mnist_dir):
@@ -88,7 +89,11 @@ def test_a_new_users_first_pipeline_from_the_readme_offline_recipe(installed, tm
     run = project / "runs" / "first"
     assert json.loads((run / "result.json").read_text())["epochs_completed"] == 1
     assert json.loads((run / "export" / "report.json").read_text())["verified"] is True
-    lines = [re.sub(r"^\(\w+ pid=\d+\) ", "", re.sub(r"\x1b\[[0-9;]*m", "", line))
+    # Piped, as into a file or `kubectl logs`: no escape code anywhere, and each worker line names its rank.
+    assert "\x1b" not in proc.stdout + proc.stderr, [line for line in proc.stdout.splitlines() if "\x1b" in line][:3]
+    workers = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("(RayTrainWorker pid=")]
+    assert workers and all(re.match(r"\(RayTrainWorker pid=\d+\) \[rank \d+\] ", line) for line in workers), workers[:3]
+    lines = [re.sub(r"^\(\w+ pid=\d+\) (\[rank \d+\] )?", "", line)
              for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     strangers = [line for line in lines if not line.startswith(OWN_LINES)]
     assert not strangers, "lines that are not the project's own:\n" + "\n".join(strangers)

@@ -9,29 +9,22 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers.kuberay_local import LocalRayJob, read_only_pod, render
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-# A tiny run, as a user's own overlay would set one: the settings, then the wiring.
-TINY = """\
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources: [../cpu]
-configMapGenerator:
-  - name: mnist-pipeline
-    behavior: merge
-    literals:
-      - MNIST_WORKERS=2
-      - MNIST_CPUS_PER_WORKER=1
-      - MNIST_MEMORY_PER_WORKER=2Gi
-      - MNIST_EPOCHS=1
-      - MNIST_PRESET=smoke
-      # A 1-epoch smoke net is too weak for the 0.1 pp int8 gate (tests/test_export.py covers it).
-      - MNIST_EXTRA_ARGS=--train-limit 1024 --val-size 512 --max-int8-drop 5
-transformers: [../../wiring]
-"""
+def user_overlay(literals: list[str], wiring: bool = True) -> str:
+    """A user's own overlay on k8s/overlays/cpu: the settings, then the wiring (unless forgotten)."""
+    overlay = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["../cpu"],
+               "configMapGenerator": [{"name": "mnist-pipeline", "behavior": "merge", "literals": literals}]}
+    return yaml.safe_dump({**overlay, **({"transformers": ["../../wiring"]} if wiring else {})}, sort_keys=False)
+
+
+# A tiny run. A 1-epoch smoke net is too weak for the 0.1 pp int8 gate (tests/test_export.py covers it).
+TINY = user_overlay(["MNIST_WORKERS=2", "MNIST_CPUS_PER_WORKER=1", "MNIST_MEMORY_PER_WORKER=2Gi", "MNIST_EPOCHS=1",
+                     "MNIST_PRESET=smoke", "MNIST_EXTRA_ARGS=--train-limit 1024 --val-size 512 --max-int8-drop 5"])
 
 
 def render_overlay(tmp_path: Path, name: str, kustomization: str) -> list[dict]:
@@ -81,15 +74,8 @@ def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(
 
 # An overlay that changes the settings and forgets the wiring: the RayJob keeps the base's
 # 2 workers of 2 CPUs, while the pipeline asks Ray for 3 of 2.
-FORGOT_THE_WIRING = """\
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources: [../cpu]
-configMapGenerator:
-  - name: mnist-pipeline
-    behavior: merge
-    literals: [MNIST_WORKERS=3, MNIST_CPUS_PER_WORKER=2, MNIST_EPOCHS=1, MNIST_PRESET=smoke]
-"""
+FORGOT_THE_WIRING = user_overlay(["MNIST_WORKERS=3", "MNIST_CPUS_PER_WORKER=2", "MNIST_EPOCHS=1", "MNIST_PRESET=smoke"],
+                                 wiring=False)
 
 
 def test_a_forgotten_wiring_fails_within_a_minute_in_one_line(tmp_path, mnist_dir):

@@ -5,13 +5,13 @@ It checks answers only: timings under emulation mean nothing.
 
 The userland is built once and kept in the user's cache: `debootstrap --foreign` fetches
 Debian's arm64 packages (python3 included) and `dpkg -x` unpacks each, since the second
-stage would need to run arm64 code as root; pip puts the wheels of the versions installed
-here into a folder of their own. onnxruntime reads /proc/cpuinfo when it is imported, and
+stage would need to run arm64 code as root; pip puts the wheels of the edge extra's hashed
+lock for aarch64 (scripts/lock/edge-aarch64.txt, what a device owner installs) into a folder
+of their own. onnxruntime reads /proc/cpuinfo when it is imported, and
 qemu-user 7.2 shows the host's x86 text there, on which it crashes: the userland carries an
 ARM cpuinfo, which `-L` serves in its place.
 """
 import hashlib
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -26,7 +26,7 @@ from mnist_edge import idx
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
-WHEELS = ("numpy", "onnxruntime", "pillow")  # the edge runtime's dependencies, at the versions installed here
+EDGE_LOCK = Path(__file__).resolve().parent.parent / "scripts" / "lock" / "edge-aarch64.txt"
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 IMAGES = 100  # about 0.1 s an image for the tf-tutorial fp32 model under emulation
 MAX_PROBABILITY_DIFFERENCE = 1e-5  # what aarch64's kernels may change in a probability; the argmax never
@@ -57,8 +57,7 @@ def userland() -> Path:
         if os.environ.get("CI"):  # .ci/run installs them: missing there is a failure, not a skip
             pytest.fail(reason)
         pytest.skip(reason)
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
-    recipe = "\n".join([SUITE, *pins, *PLATFORMS, CPUINFO])
+    recipe = "\n".join([SUITE, EDGE_LOCK.read_text(), *PLATFORMS, CPUINFO])
     home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-dist" / (
         "aarch64-" + hashlib.sha256(recipe.encode()).hexdigest()[:12])
     if (home / "ready").exists():
@@ -74,7 +73,7 @@ def userland() -> Path:
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(partial / "edge-site"),
                     "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--only-binary=:all:",
-                    *platforms, *pins], check=True, capture_output=True, timeout=900)
+                    *platforms, "--require-hashes", "-r", str(EDGE_LOCK)], check=True, capture_output=True, timeout=900)
     (partial / "ready").write_text(recipe)
     shutil.rmtree(home, ignore_errors=True)
     partial.rename(home)

@@ -305,7 +305,7 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
 
     ownership.mark(work, "export")
     started = time.perf_counter()
-    proto = onnx_graph.fold_flatten_transpose(onnx_graph.convert(model, options.opset))
+    proto = onnx_graph.short_names(onnx_graph.fold_flatten_transpose(onnx_graph.convert(model, options.opset)))
     metadata = {
         META_NORMALIZATION: json.dumps({"offset": PIXEL_OFFSET, "scale": PIXEL_SCALE, "layout": "NHWC",
                                         "formula": "(pixel - offset) / scale", "pixels": "uint8, white digit on black"}),
@@ -327,7 +327,7 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
     # Calibrate on training images only: the test set never chooses anything.
     calibration = normalize(data.train_x[:options.calibration_images])
     quantize_int8(work / FP32_FILE, work / INT8_FILE, calibration, work)
-    int8 = onnx.load(work / INT8_FILE)
+    int8 = onnx_graph.short_names(onnx.load(work / INT8_FILE))
     onnx_graph.set_metadata(int8, {**metadata, META_SESSION: json.dumps(INT8_SESSION)})
     onnx.save(int8, work / INT8_FILE)
     log(f"quantized to int8 (static QDQ, per-channel, first convolution in fp32, {len(calibration)} training images for calibration)")

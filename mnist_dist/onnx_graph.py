@@ -94,6 +94,35 @@ def fold_flatten_transpose(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def short_names(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every tensor and node renamed t0, t1, ... and n0, n1, ..., but the graph's input and output.
+
+    Converters and quantizers name tensors by their Keras and TensorFlow paths
+    ("edge_1/conv2d_1/convolution/merged_input:0_quantized"): in a model of a few dozen KB
+    those names were a fifth of the file. Nothing reads them; a device stores and loads them.
+    """
+    graph = proto.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return proto  # a subgraph reads outer names: these models have none, so leave such a graph alone
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for i, node in enumerate(graph.node):
+        node.name = f"n{i}"
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+    for info in graph.value_info:
+        info.name = short(info.name)
+    return proto
+
+
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in metadata.items():

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def test_onnx_model_has_named_dynamic_input_metadata_and_a_lean_graph(exported, 
     float_inits = {i.name for i in int8.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     first_conv = next(n for n in int8.graph.node if n.op_type == "Conv")
     assert first_conv.input[1] in float_inits  # its weights are read as-is, not through a DequantizeLinear
+    # Converter and quantizer paths are not kept: every inner name is short (onnx_graph.short_names).
+    for proto in (model, int8):
+        inner = {n for node in proto.graph.node for n in (*node.input, *node.output)} - {"image", "logits", ""}
+        assert all(re.fullmatch(r"t\d+", n) for n in inner), sorted(inner)[:5]
     int8_meta = {p.key: p.value for p in int8.metadata_props}
     assert json.loads(int8_meta["mnist_dist.ort_session"]) == {"disabled_optimizers": ["QDQPropagationTransformer"]}
 
@@ -169,6 +174,28 @@ def test_folding_the_flatten_transpose_keeps_the_function():
     before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     after = ort.InferenceSession(lean.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_short_names_keep_the_function_and_the_graphs_own_input_and_output():
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)
+    long = "edge_1/logits_1/Cast/ReadVariableOp:0_quantized"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["image", long], [long + "/MatMul:0"], name=long + "_MatMul"),
+         helper.make_node("Relu", [long + "/MatMul:0"], ["logits"], name=long + "_Relu")],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [numpy_helper.from_array(w, long)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    before = model.SerializeToString()
+    short = onnx_graph.short_names(model)
+    assert [n.name for n in short.graph.node] == ["n0", "n1"] and short.graph.initializer[0].name == "t0"
+    assert list(short.graph.node[0].input) == ["image", "t0"] and list(short.graph.node[1].output) == ["logits"]
+    onnx.checker.check_model(short)
+    import onnxruntime as ort
+    x = np.ones((2, 4), np.float32)
+    run = lambda m: ort.InferenceSession(m).run(None, {"image": x})[0]  # noqa: E731
+    np.testing.assert_array_equal(run(short.SerializeToString()), run(before))
+    assert len(short.SerializeToString()) < len(before) - 100
 
 
 def test_int8_drop_rule_counts_exactly_the_limit_as_passing():

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnist_dist import capacity, compat, results, rundir, spot
+from mnist_dist import capacity, compat, placement, results, rundir, spot
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import RunError
+from mnist_dist.progress import Clock
 from mnist_dist.rundir import run_dir
 from mnist_dist.sessions import RaySession
 from mnist_dist.store import Location, basename
@@ -43,11 +44,15 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     from mnist_dist import process_setup
 
     config = TrainConfig.from_dict(loop_config["config"])
+    clock = Clock(loop_config["started"])
     if not config.synthetic:
         from mnist_dist.data import dir_on_this_node
         config = config.replace(data_dir=str(dir_on_this_node(config.data_dir)))
     plan = process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker)
     session = RaySession(run_dir(config), loop_config["command"], plan.resources_per_worker)
+    log = process_setup.rank_console(session.rank)
+    if session.rank == 0:
+        log(clock.line(f"{session.world_size} worker(s) started; importing TensorFlow ..."))
     pinned = pin_worker(config, session)  # before TensorFlow starts its thread pools
     process_setup.configure_process(config.cpus_per_worker, use_gpu=config.gpus_per_worker > 0)
     if os.environ.get(PID_DIR_ENV):
@@ -56,7 +61,6 @@ def worker_main(loop_config: dict[str, Any]) -> None:
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.node").write_text(ray.get_runtime_context().get_node_id())
     process_setup.quiet_worker_logs()
-    log = process_setup.rank_console(session.rank)
     if pinned and session.rank == 0:
         log(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
@@ -65,10 +69,12 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     from mnist_dist.compat import ray_backend
 
     ray_backend.release_port()  # held since the backend chose it, so no other worker on the node got it too
+    if session.rank == 0:
+        log(clock.line("joining the workers into one MultiWorkerMirroredStrategy ..."))
     strategy = process_setup.make_strategy(plan)
     from mnist_dist.loop import Trainer, TrainingDiverged
 
-    trainer = Trainer(config, session, strategy=strategy, log=log)
+    trainer = Trainer(config, session, strategy=strategy, log=log, clock=clock)
     try:
         trainer.run()
     except TrainingDiverged as exc:
@@ -97,7 +103,8 @@ def ray_address(config: TrainConfig) -> str | None:
     return config.address or os.environ.get("RAY_ADDRESS")
 
 
-def init_ray(config: TrainConfig) -> None:
+def init_ray(config: TrainConfig, log=lambda _line: None, clock: Clock | None = None) -> None:
+    """Starts the embedded local Ray, or connects to the cluster; says when it is up."""
     import ray
 
     if ray.is_initialized():
@@ -106,15 +113,17 @@ def init_ray(config: TrainConfig) -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = ray_address(config)
     if address:  # a cluster: `auto`, `ray://host:10001`, or the one a Ray job runs in (Ray sets RAY_ADDRESS there)
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=True)
     else:
         # Propagated from the driver to Ray Train's controller; see compat.LOCAL_RAY_TRAIN_ENV.
         compat.set_default_env(compat.LOCAL_RAY_TRAIN_ENV)
         runtime_env = {} if config.dashboard else {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"}
         # address="local": always a Ray of its own. Without it, ray.init() joins any cluster a
         # `ray start` left running on this machine (and then refuses num_cpus).
-        ray.init(address="local", **local_ray_options(config), runtime_env=runtime_env, log_to_driver=True,
-                 logging_level="WARNING")
+        context = ray.init(address="local", **local_ray_options(config), runtime_env=runtime_env, log_to_driver=True,
+                           logging_level="WARNING")
+    dashboard = getattr(context, "dashboard_url", None)
+    log((clock or Clock()).line("Ray is up" + (f"; its dashboard: http://{dashboard}" if dashboard else "")))
 
 
 def stop_ray() -> None:
@@ -153,10 +162,14 @@ def local_ray_options(config: TrainConfig) -> dict[str, Any]:
         compat.set_default_env(compat.NO_DASHBOARD_ENV)
     # The dashboard is about ten more processes, and it answers that cleaner's State API
     # query every second while a run trains (docs/benchmarks.md#start-up-bench-startup).
-    # An elastic range starts as many workers as this machine's cores hold, at least MIN.
+    return {"num_cpus": local_cpus(config), "include_dashboard": config.dashboard}
+
+
+def local_cpus(config: TrainConfig) -> int:
+    """The embedded local Ray's CPUs: this machine's, or more when the workers ask for more.
+    An elastic range starts as many workers as this machine's cores hold, at least MIN."""
     wanted = config.min_workers if config.elastic else config.workers
-    return {"num_cpus": max(os.cpu_count() or 1, wanted * config.cpus_per_worker),
-            "include_dashboard": config.dashboard}
+    return max(os.cpu_count() or 1, wanted * config.cpus_per_worker)
 
 
 def scaling_config(config: TrainConfig):
@@ -191,8 +204,13 @@ def keep_ray_on_loopback(config: TrainConfig) -> None:
         compat.set_default_env(compat.LOOPBACK_ENV)
 
 
-def fit(config: TrainConfig, log=print) -> dict[str, Any]:
+def fit(config: TrainConfig, log=print, clock: Clock | None = None) -> dict[str, Any]:
     """Train a settled, locked and claimed run (mnist_dist.training) on Ray; returns the content of result.json."""
+    clock = clock or Clock()
+    # The run's first line, before `import ray`, which alone takes a second or two.
+    address = ray_address(config)
+    log(clock.line(f"connecting to the Ray cluster at {address} ..." if address
+                   else f"starting a local Ray with {local_cpus(config)} CPUs ..."))
     keep_ray_on_loopback(config)  # before `import ray`
     compat.ray_checked()
     # The workers import Keras, not the driver: a wrong Keras is one line here rather than
@@ -207,17 +225,18 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
     started = time.perf_counter()
     if config.elastic:  # propagated from the driver to Ray Train's controller
         compat.set_default_env(compat.ELASTIC_RAY_TRAIN_ENV)
-    init_ray(config)
+    init_ray(config, log, clock)
     import ray
 
     run = run_dir(config)
     Location.of(config.storage).check_shared({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     if ray_address(config):
-        check_cluster_can_hold(config)
+        check_cluster_can_hold(config, log, clock)
     trainer = DataParallelTrainer(
         worker_main,
         backend_config=TfConfig(),
-        train_loop_config={"config": config.to_dict(), "env": worker_env(), "command": spot.new_command_id()},
+        train_loop_config={"config": config.to_dict(), "env": worker_env(), "command": spot.new_command_id(),
+                           "started": clock.started},
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.name,
@@ -233,7 +252,13 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    from mnist_dist import process_setup
+
+    per_worker = process_setup.device_plan(config.cpus_per_worker, config.gpus_per_worker).resources_per_worker
+    wanted = config.min_workers if config.elastic else config.workers
+    log(clock.line(f"asking Ray for {wanted}{' or more' if config.elastic else ''} worker(s) x {placement.describe(per_worker)} ..."))
+    with placement.PlacementWatch(wanted, per_worker, log, clock):
+        result = trainer.fit()
     wall_seconds = time.perf_counter() - started
     diverged = rundir.read_json(run, DIVERGED_FILE)
     if diverged is not None:  # every rank stopped at the same step and returned (worker_main)
@@ -255,13 +280,14 @@ def fit(config: TrainConfig, log=print) -> dict[str, Any]:
 CAPACITY_WAIT_S = 30.0
 
 
-def check_cluster_can_hold(config: TrainConfig) -> None:
+def check_cluster_can_hold(config: TrainConfig, log=lambda _line: None, clock: Clock | None = None) -> None:
     """On a cluster with no autoscaler, fail in under a minute, in one line, when its nodes can
     never place the MIN workers asked for, instead of Ray Train waiting for them until a
     deadline (mnist_dist.capacity)."""
     import ray
 
     deadline = time.monotonic() + CAPACITY_WAIT_S
+    said = False
     while True:
         totals = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         problem = capacity.shortfall(totals, config.min_workers or config.workers, config.cpus_per_worker,
@@ -270,6 +296,10 @@ def check_cluster_can_hold(config: TrainConfig) -> None:
             return
         if time.monotonic() > deadline:
             raise RunError(problem)
+        if not said:
+            log((clock or Clock()).line(f"the cluster's nodes cannot hold the workers yet; waiting up to "
+                                        f"{CAPACITY_WAIT_S:.0f} s for more nodes to join ({problem.split('. Fix')[0]})"))
+            said = True
         time.sleep(2.0)
 
 

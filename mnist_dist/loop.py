@@ -19,6 +19,7 @@ from mnist_dist import gradients, machine, ownership, spot, step
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import Mnist, load_for
 from mnist_dist.errors import MnistDistError
+from mnist_dist.progress import Clock
 from mnist_dist.results import best_epoch
 from mnist_dist.scoring import make_evaluator, make_worker_sum
 from mnist_dist.sessions import Session, epoch_checkpoint_name, step_checkpoint_name
@@ -72,14 +73,17 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, session: Session, strategy=None, data: Mnist | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, clock: Clock | None = None):
         import tensorflow as tf
 
         self.config, self.session = config, session
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.data = data or load_for(config)
         self.is_chief = session.rank == 0
         self.say = log if self.is_chief else (lambda _msg: None)
+        self.clock = clock or Clock()
+        if data is None:
+            self.say(self.clock.line("loading MNIST ..." if not config.synthetic else "making synthetic images ..."))
+        self.data = data or load_for(config)
         # The configuration's, whatever the number of workers: an elastic group of N splits it N ways.
         self.global_batch = config.global_batch_size
         self.steps_per_epoch = len(self.data.train_y) // self.global_batch
@@ -165,6 +169,7 @@ class Trainer:
         self.next_chunk = distributed_chunks(strategy, self.data, config, self.start_epoch, self.global_batch,
                                              config.epochs - self.start_epoch, self.skip_steps)
         self.watch = spot.Watch(config, session, self.global_step())
+        self.say(self.clock.line("tracing and compiling the train step: the first call takes longest ..."))
 
     # -- an epoch --------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> tuple[float, list[float], list[dict]]:
@@ -329,6 +334,6 @@ class Trainer:
 
 
 def train(config: TrainConfig, session: Session, strategy=None, data: Mnist | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print, clock: Clock | None = None) -> dict[str, Any]:
     """Train to `config.epochs`, resuming from the session's latest checkpoint; returns the last metrics."""
-    return Trainer(config, session, strategy, data, log).run()
+    return Trainer(config, session, strategy, data, log, clock).run()

@@ -11,17 +11,18 @@ from typing import Any
 from mnist_dist import rundir, training
 from mnist_dist.config import TrainConfig
 from mnist_dist.export import ExportOptions, export, published
+from mnist_dist.progress import Clock
 from mnist_dist.store import Location, Where, basename
 
 
 def run(config: TrainConfig, options: ExportOptions = ExportOptions(), export_dir: Where | None = None,
-        in_process: bool = False, log=print) -> dict[str, Any]:
+        in_process: bool = False, log=print, clock: Clock | None = None) -> dict[str, Any]:
     """Returns the export's report (its "verified" says whether it was published)."""
     options.validate()  # before minutes of training
     config = rundir.settle(config)
     run = rundir.run_dir(config)
     with rundir.locked(run, "pipeline"):  # one writer from training to the export
-        result = training.run(config, in_process=in_process, log=log)
+        result = training.run(config, in_process=in_process, log=log, clock=clock)
         out = Location.of(export_dir) if export_dir is not None else run / "export"
         previous = published(out)
         best = basename(result["best_checkpoint"])

@@ -2,6 +2,7 @@
 
 On a terminal one line updates in place; anywhere else (Ray-forwarded logs, CI, files)
 a plain line is printed at each quarter, so logs do not fill with carriage returns.
+A run's start-up phases each get a line with the seconds since the command started (`Clock`).
 """
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def track(items: Iterable[T], total: int, label: str, unit: str = "",
             emit(line)
             while done >= total * next_quarter / 4:
                 next_quarter += 1
+
+
+class Clock:
+    """Seconds since a command started, for the line each start-up phase gets as it begins.
+
+    Wall time, not a monotonic clock: a Ray worker, maybe on another node, is handed the start.
+    """
+
+    def __init__(self, started: float | None = None):
+        self.started = time.time() if started is None else started
+
+    def line(self, text: str) -> str:
+        return f"[{time.time() - self.started:5.1f} s] {text}"

@@ -25,3 +25,21 @@ def test_a_forgotten_wiring_is_one_line_naming_both_numbers_and_the_fix():
     assert capacity.shortfall([HEAD, node(2), node(2)], workers=2, cpus=2, gpus=0) is None
     gpus = capacity.shortfall([HEAD, node(4, 1)], workers=2, cpus=2, gpus=1)
     assert "= 4 CPUs and 2 GPUs" in gpus and "4 CPUs and 1 GPUs in all" in gpus
+
+
+def test_the_waiting_line_names_what_each_worker_needs_and_what_is_free():
+    from mnist_dist import placement
+
+    assert placement.fits(2, {"CPU": 1}, {"CPU": 2.0}) and not placement.fits(2, {"CPU": 1}, {"CPU": 1.0})
+    assert not placement.fits(2, {"CPU": 1, "GPU": 0.5}, {"CPU": 8.0, "GPU": 0.5})
+    line = placement.waiting_line(2, {"CPU": 1, "GPU": 0.5}, {"CPU": 3.0}, {"CPU": 4.0, "GPU": 1.0})
+    assert line.startswith("waiting for 2 worker(s) x 1 CPU + 0.5 GPU; the cluster has 3 of 4 CPU free, 0 of 1 GPU free")
+    assert "\n" not in line and "--workers" in line
+
+
+def test_the_clock_counts_from_the_start_it_is_given():
+    import time
+
+    from mnist_dist.progress import Clock
+
+    assert Clock(time.time() - 12.34).line("loading MNIST ...").startswith("[ 12.3 s] loading MNIST")

@@ -229,3 +229,37 @@ def test_a_spot_run_loses_no_step_to_a_preemption_and_grows_back_to_the_same_wei
     difference = max(float(np.abs(a - b).max()) for a, b in zip(spot, fixed))
     print(f"spot vs uninterrupted weights: max difference {difference:.2e}, movement since epoch 1 {movement:.2e}", flush=True)
     assert difference <= 1e-3 * movement
+
+
+def test_a_run_that_waits_for_room_says_what_it_waits_for_and_starts_when_there_is_room(cluster, tmp_path):
+    """Ray Train waits, silently, until the cluster can place the worker group. With one of the
+    two worker nodes' CPUs held by another actor, the driver says what is missing; once it is
+    freed, the run starts and finishes."""
+    import threading
+
+    import ray
+
+    cluster, _workers, _dashboard = cluster
+    ray.init(address=cluster.address)
+    try:
+        blocker = ray.remote(num_cpus=1)(type("Blocker", (), {"ping": lambda self: "held"})).remote()
+        assert ray.get(blocker.ping.remote()) == "held"
+        proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "train", "--preset", "smoke", "--synthetic",
+                                 "--epochs", "1", "--workers", "2", "--address", cluster.address,
+                                 "--storage", str(tmp_path / "runs"), "--name", "waits"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        wanted = "waiting for 2 worker(s) x 1 CPU; the cluster has 1 of 2 CPU free"
+        wait_for(lambda: any(wanted in line for line in lines) or proc.poll() is not None, "waiting line", 120)
+        assert any(wanted in line for line in lines), "".join(lines)[-3000:]
+        assert not any("[rank 0]" in line for line in lines)  # nothing started while it waited
+        ray.kill(blocker)
+        assert proc.wait(timeout=300) == 0, "".join(lines)[-3000:]
+        reader.join(timeout=10)
+    finally:
+        ray.shutdown()
+    text = "".join(lines)
+    assert text.index("asking Ray for 2 worker(s) x 1 CPU") < text.index(wanted) < text.index("[rank 0]")
+    assert json.loads((tmp_path / "runs" / "waits" / "result.json").read_text())["epochs_completed"] == 1

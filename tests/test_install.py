@@ -95,6 +95,16 @@ def test_a_new_users_first_pipeline_from_the_readme_offline_recipe(installed, tm
     assert workers and all(re.match(r"\(RayTrainWorker pid=\d+\) \[rank \d+\] ", line) for line in workers), workers[:3]
     lines = [re.sub(r"^\(\w+ pid=\d+\) (\[rank \d+\] )?", "", line)
              for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    # A line for each start-up phase as it begins, with the seconds since the command started;
+    # the first one before Ray starts (progress.Clock).
+    phases = [(float(m[1]), m[2]) for m in (re.match(r"\[ *(\d+\.\d) s\] (.*)", line) for line in lines) if m]
+    assert proc.stdout.splitlines()[0] == lines[0] and re.search(r"starting a local Ray with \d+ CPUs \.\.\.$", lines[0]), lines[:2]
+    expected = ["starting a local Ray with ", "Ray is up", "asking Ray for 2 worker(s) x 1 CPU",
+                "2 worker(s) started; importing TensorFlow", "joining the workers into one MultiWorkerMirroredStrategy",
+                "loading MNIST", "tracing and compiling the train step"]
+    assert [text for _, text in phases] and all(text.startswith(want) for (_, text), want in zip(phases, expected)), phases
+    assert len(phases) == len(expected) and [t for t, _ in phases] == sorted(t for t, _ in phases), phases
+    lines = [line for line in lines if not re.match(r"\[ *\d+\.\d s\] ", line)]
     strangers = [line for line in lines if not line.startswith(OWN_LINES)]
     assert not strangers, "lines that are not the project's own:\n" + "\n".join(strangers)
     # Ray made the run's token itself, as it does for any new local Ray with authentication on.

@@ -309,10 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         from mnist_edge.errors import EdgeError
 
         from mnist_dist.errors import MnistDistError
+        from mnist_dist.rundir import StorageFailedMidRun
 
         # The edge runtime's own error: mnist_edge installs without this package's code.
         if isinstance(exc, (MnistDistError, EdgeError)):
             print(f"error: {exc}", file=sys.stderr)
+            if isinstance(exc, StorageFailedMidRun):
+                # pyarrow's S3 finalizer waits for requests still in flight, to a store that may
+                # not answer for minutes; Ray is stopped and nothing is left to write.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             return 2
         raise
 

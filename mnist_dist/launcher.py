@@ -60,7 +60,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
 
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.pid").write_text(str(os.getpid()))
         Path(os.environ[PID_DIR_ENV], f"rank{session.rank}.node").write_text(ray.get_runtime_context().get_node_id())
-    process_setup.quiet_worker_logs()
+    process_setup.quiet_worker_logs(run_dir(config))
     if pinned and session.rank == 0:
         log(f"worker threads pinned: each worker keeps to its own {config.cpus_per_worker} CPU(s) of this node "
                         f"(rank 0: CPU {', '.join(map(str, sorted(pinned)))}; --no-pin-cpus to turn off)")
@@ -209,8 +209,11 @@ def fit(config: TrainConfig, log=print, clock: Clock | None = None) -> dict[str,
     clock = clock or Clock()
     # The run's first line, before `import ray`, which alone takes a second or two.
     address = ray_address(config)
-    log(clock.line(f"connecting to the Ray cluster at {address} ..." if address
-                   else f"starting a local Ray with {local_cpus(config)} CPUs ..."))
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        log(clock.line("using the Ray this process has already started or joined ..."))
+    else:
+        log(clock.line(f"connecting to the Ray cluster at {address} ..." if address
+                       else f"starting a local Ray with {local_cpus(config)} CPUs ..."))
     keep_ray_on_loopback(config)  # before `import ray`
     compat.ray_checked()
     # The workers import Keras, not the driver: a wrong Keras is one line here rather than
@@ -258,7 +261,15 @@ def fit(config: TrainConfig, log=print, clock: Clock | None = None) -> dict[str,
     wanted = config.min_workers if config.elastic else config.workers
     log(clock.line(f"asking Ray for {wanted}{' or more' if config.elastic else ''} worker(s) x {placement.describe(per_worker)} ..."))
     with placement.PlacementWatch(wanted, per_worker, log, clock):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            # A worker's write (its checkpoint's upload), or the controller's (its checkpoint snapshot).
+            failures = [*getattr(exc, "worker_failures", {}).values(), getattr(exc, "controller_failure", None)]
+            fault = next((e for e in failures if rundir.is_storage_fault(e, run)), None)
+            if fault is None:
+                raise
+            raise rundir.storage_failed(run, fault) from None
     wall_seconds = time.perf_counter() - started
     diverged = rundir.read_json(run, DIVERGED_FILE)
     if diverged is not None:  # every rank stopped at the same step and returned (worker_main)

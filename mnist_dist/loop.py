@@ -117,7 +117,9 @@ class Trainer:
                 state = ckpt.restore_into(self.model, restore_dir)
                 self.history, self.train_seconds = state.get("history", []), state.get("train_seconds", 0.0)
                 self.partial = state.get("partial") or {}
-                restored = Path(restore_dir).name
+                # By what it holds: a bucket's checkpoint arrives in a temporary folder of its own name.
+                restored = (step_checkpoint_name(state["global_step"]) if state.get("kind") == "step"
+                            else epoch_checkpoint_name(state["epoch"]))
         at = self.global_step()
         self.start_epoch, self.skip_steps = divmod(at, self.steps_per_epoch)
         if len(self.history) != self.start_epoch:

@@ -63,27 +63,30 @@ class PlacementWatch:
         if self.thread:
             self.thread.join(timeout=5)
 
-    def placed(self) -> bool:
+    def new_groups(self) -> set[str]:
+        """The states of the placement groups made since the run asked (on a shared cluster,
+        another job's new group may end the watch early: these are progress lines only)."""
         from ray.util import placement_group_table
 
-        return any(group["state"] == "CREATED" for group_id, group in placement_group_table().items()
-                   if group_id not in self.before)
+        return {group["state"] for group_id, group in placement_group_table().items() if group_id not in self.before}
 
     def _watch(self) -> None:
         import ray
 
         wait = self.note_after
         while not self.stopped.wait(wait):
+            wait = 1.0
             try:
-                if self.placed():
+                if "CREATED" in self.new_groups():
                     return
                 free = ray.available_resources()
                 line = waiting_line(self.workers, self.per_worker, free, ray.cluster_resources())
+                # Only a group that Ray cannot place (PENDING, with no room: not still starting,
+                # not PREPARED with its resources already held) is waiting.
+                if "PENDING" not in self.new_groups() or fits(self.workers, self.per_worker, free):
+                    continue
             except Exception:  # noqa: BLE001 - a progress line must never fail a run
                 return
-            if fits(self.workers, self.per_worker, free):  # room enough: Ray Train is still starting, not waiting
-                wait = 1.0
-                continue
             self.log(self.clock.line(line))
             self.notes += 1
             wait = self.note_every

@@ -195,8 +195,8 @@ def rank_console(rank: int):
     return lambda message: console("\n".join(f"[rank {rank}] {line}" for line in message.split("\n")))
 
 
-def quiet_worker_logs() -> None:
-    """Keep the driver's console to the progress lines of rank 0."""
+def quiet_worker_logs(run) -> None:
+    """Keep the driver's console to the progress lines of rank 0. `run`: the run's Location."""
     import logging
 
     import tensorflow as tf
@@ -207,3 +207,20 @@ def quiet_worker_logs() -> None:
     # Ray Train logs each report, the whole metrics dict, at INFO: two long lines per worker an epoch.
     if (name := compat.report_logger_name()) is not None:
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(compat.TRAIN_FN_ERROR_LOGGER).addFilter(StorageFaultFilter(run))
+
+
+class StorageFaultFilter:
+    """A logging filter for Ray Train's worker logger: the traceback of a training function
+    stopped because the run's storage failed is left out, since the driver says it in one
+    line (rundir.storage_failed); any other error's traceback stays. Ray logs it while
+    handling the exception, so the exception is sys.exc_info()'s."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def filter(self, record) -> bool:
+        from mnist_dist.rundir import is_storage_fault
+
+        return not (record.getMessage().startswith(compat.TRAIN_FN_ERROR_MESSAGE)
+                    and is_storage_fault(sys.exc_info()[1], self.run))

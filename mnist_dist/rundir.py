@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from mnist_dist import ownership
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import RunError
-from mnist_dist.store import LOCK_FILE, Location
+from mnist_dist.store import LOCK_FILE, Location, StorageError
 
 CONFIG_FILE, RESULT_FILE = "config.json", "result.json"
 # What a re-run may change without changing what the run trains.
@@ -109,3 +109,23 @@ def check_is_run_or_new(run: Location) -> None:
         raise RunError(f"{run}: holds files ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}) "
                        "but no run of mnist-dist, so nothing is written there. Fix: pass a new --name, or a --storage "
                        "folder kept for runs.")
+
+
+def is_storage_fault(error: BaseException | None, run: Location) -> bool:
+    """An error of a read or write of the run's own storage: the store's, or an OS error
+    (pyarrow's are OSErrors too) that names a place in the run."""
+    return isinstance(error, (StorageError, OSError)) and run.named_in(error)
+
+
+class StorageFailedMidRun(StorageError):
+    """A run stopped because its storage failed under it (`storage_failed`)."""
+
+
+def storage_failed(run: Location, error: BaseException) -> StorageFailedMidRun:
+    """The one line for a run whose storage failed under it mid-run: where, the error, and the
+    fix. What was cut off mid-write is never taken for good: a re-run resumes from the last
+    checkpoint that was committed whole (Ray Train's snapshot, or DirectorySession's)."""
+    reason, fix = run.failure(error)
+    where = f"{run}" + (f" ({error.filename})" if getattr(error, "filename", None) else "")
+    return StorageFailedMidRun(f"{where}: the run's storage failed while training ({reason}); the checkpoints committed "
+                        f"before it are kept. Fix: {fix}, then run the same command again to resume.", reason)

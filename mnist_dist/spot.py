@@ -13,6 +13,7 @@ Rank 0 keeps `progress.json` in the run: how far the group got, and the group's 
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -205,9 +206,11 @@ class Progress:
             self.location.write_json(self.record if record is None else record)
         except (StorageError, OSError) as exc:
             if not self.warned:
-                print(f"warning: cannot record the run's progress in {self.location} ({exc}); training goes on, "
-                      "and result.json may count fewer steps trained twice", flush=True)
-                self.warned = True
+                self.warned = True  # first: the background writer and a forced write may both fail
+                # Not print(): in a Ray Train worker that echoes each line twice (process_setup.console).
+                sys.stdout.write(f"warning: cannot record the run's progress in {self.location} ({exc}); training goes "
+                                 "on, and result.json may count fewer steps trained twice\n")
+                sys.stdout.flush()
 
 
 def read(run: Location) -> dict[str, Any]:

@@ -40,6 +40,9 @@ class StorageError(RunError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # whole across processes: a Ray worker's raises it, its driver reads it
+        return type(self), (str(self), self.reason)
+
 
 BUCKET_FIX = ("Fix: check the bucket name, the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's "
               "role) and the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=HOST:PORT in the URI).")
@@ -123,6 +126,31 @@ class Location:
             reason = (exc.strerror if self._local else None) or _first_line(exc)
             raise StorageError(f"{self.uri}: {doing} failed ({reason}). {FOLDER_FIX if self._local else BUCKET_FIX}",
                                reason) from None
+
+    def named_in(self, error: BaseException) -> bool:
+        """Whether an error is about this location or a place below it: an OSError's filename,
+        or the message (a StorageError's names its location; pyarrow's name the path, or for a
+        bucket the key and the bucket apart)."""
+        filename = getattr(error, "filename", None)
+        if filename:
+            return self.contains(Location.of(str(filename)))
+        text, path = str(error), self._split()[0].rstrip("/")
+        if self._local:
+            return path in text or os.path.realpath(path) in text
+        bucket_and_key = path.split("://", 1)[-1]
+        key = bucket_and_key.partition("/")[2]
+        return bucket_and_key in text or bool(key) and f"{key}/" in text
+
+    def failure(self, error: BaseException) -> tuple[str, str]:
+        """(the bare cause, the fix) of an error met writing here: a StorageError, an OSError
+        of the os module, or pyarrow's (whose message is the cause)."""
+        if isinstance(error, StorageError):
+            reason = error.reason
+        else:
+            reason = (getattr(error, "strerror", None) if self._local else None) or _first_line(error)
+        fix = ("make it writable, or free space there" if self._local
+               else "check that the object store answers and accepts writes (the endpoint, the credentials)")
+        return reason, fix
 
     def _kind(self) -> str:
         """"file", "dir" or "missing" (links followed)."""
@@ -422,12 +450,40 @@ _held: dict[str, str] = {}  # the folders whose lock this process holds -> the c
 # A bucket lock's holder rewrites it every HEARTBEAT_S; one not rewritten for STALE_S
 # belongs to a process that died (a killed driver, a deleted pod) and is taken over.
 HEARTBEAT_S, STALE_S, SETTLE_S = 5.0, 30.0, 1.0
+RELEASE_WAIT_S = 10.0  # for the release of the lock of a run that failed
 
 
 def _holder(command: str) -> str:
     import socket
 
     return f"`mnist-dist {command}` (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')})"
+
+
+def _process_identity(pid: int) -> dict[str, Any] | None:
+    """What tells a process apart on Linux even across hosts that share a name and pids that
+    are reused: the boot, the pid namespace, and the process's start time; None elsewhere."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return {"boot": boot, "pid_namespace": namespace, "pid": pid, "started": started}
+
+
+def _died_here(current: dict[str, Any]) -> bool:
+    """Whether a bucket lock's holder ran in this very boot and pid namespace, and its process
+    is gone (no process with its pid and start time): then its lock is stale at once, rather
+    than STALE_S after its last heartbeat. A run whose storage failed could not delete its
+    lock; its re-run, here, need not wait. Anything unsure (another machine or container,
+    another OS) leaves the lock to go stale."""
+    holder = current.get("process")
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return False
+    mine = _process_identity(os.getpid())
+    if mine is None or (holder.get("boot"), holder.get("pid_namespace")) != (mine["boot"], mine["pid_namespace"]):
+        return False
+    return _process_identity(holder["pid"]) != holder  # gone, or its pid now another process's
 
 
 @contextlib.contextmanager
@@ -480,11 +536,13 @@ def _bucket_lock(location: Location, command: str) -> Iterator[None]:
                         f"Fix: wait for that command to finish, or pass another --name (the lock of a holder that died "
                         f"expires {STALE_S:.0f} s after its last heartbeat).")
 
+    identity = _process_identity(os.getpid())
+
     def beat() -> None:
-        lock.write_json({"holder": holder, "token": token, "heartbeat": time.time()})
+        lock.write_json({"holder": holder, "token": token, "heartbeat": time.time(), "process": identity})
 
     current = _read_lock(lock)
-    if current is not None and time.time() - current["heartbeat"] < STALE_S:
+    if current is not None and time.time() - current["heartbeat"] < STALE_S and not _died_here(current):
         raise refuse(current)
     beat()
     time.sleep(SETTLE_S)
@@ -495,18 +553,34 @@ def _bucket_lock(location: Location, command: str) -> Iterator[None]:
 
     def renew() -> None:
         while not stop.wait(HEARTBEAT_S):
-            if (_read_lock(lock) or {}).get("token") == token:
-                beat()
+            with contextlib.suppress(StorageError):  # the store not answering: the run itself will say so
+                if (_read_lock(lock) or {}).get("token") == token:
+                    beat()
 
     thread = threading.Thread(target=renew, name="mnist-dist-run-lock", daemon=True)
     thread.start()
+
+    def release() -> None:
+        with contextlib.suppress(StorageError):
+            if (_read_lock(lock) or {}).get("token") == token:
+                lock.delete()
+
     try:
         yield
-    finally:
+    except BaseException as exc:
+        # The lock of a holder that is gone is taken over (`_died_here`, STALE_S), so a run
+        # that failed need not wait on its store: not at all when that store itself failed
+        # (a hung request would hold the exit for minutes), RELEASE_WAIT_S otherwise.
         stop.set()
-        thread.join()
-        if (_read_lock(lock) or {}).get("token") == token:
-            lock.delete()
+        if not isinstance(exc, StorageError):
+            releasing = threading.Thread(target=lambda: (thread.join(), release()), name="mnist-dist-run-unlock",
+                                         daemon=True)
+            releasing.start()
+            releasing.join(timeout=RELEASE_WAIT_S)
+        raise
+    stop.set()
+    thread.join()
+    release()
 
 
 # ---------------------------------------------------------------- node-local disks

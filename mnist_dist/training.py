@@ -36,12 +36,19 @@ def _train_in_process(config: TrainConfig, log, clock: Clock) -> dict[str, Any]:
     from mnist_dist import process_setup, results
     from mnist_dist.loop import train
     from mnist_dist.sessions import DirectorySession
+    from mnist_dist.store import StorageError
 
     log(clock.line("training in this process, without Ray; importing TensorFlow ..."))
     process_setup.configure_process(config.cpus_per_worker, use_gpu=False)
     run = rundir.run_dir(config)
     started = time.perf_counter()
-    final = train(config, DirectorySession(run), log=log, clock=clock)
+    try:
+        final = train(config, DirectorySession(run), log=log, clock=clock)
+    except (OSError, StorageError) as exc:
+        # A write of the run's (its checkpoints, progress, events) that failed: one line.
+        if rundir.is_storage_fault(exc, run):
+            raise rundir.storage_failed(run, exc) from None
+        raise
     history = final["history"]
     best = next(m for m in history if m["epoch"] == results.best_epoch(history))
     best_name = f"checkpoint_epoch{best['epoch']:03d}"

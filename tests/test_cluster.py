@@ -259,6 +259,8 @@ def test_a_run_that_waits_for_room_says_what_it_waits_for_and_starts_when_there_
         assert proc.wait(timeout=300) == 0, "".join(lines)[-3000:]
         reader.join(timeout=10)
     finally:
+        if "proc" in locals():
+            proc.kill()
         ray.shutdown()
     text = "".join(lines)
     assert text.index("asking Ray for 2 worker(s) x 1 CPU") < text.index(wanted) < text.index("[rank 0]")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mnist_dist import compat
+from mnist_dist.store import StorageError
 
 
 def test_the_installed_keras_and_ray_are_the_tested_minor_versions():
@@ -103,6 +104,38 @@ def test_the_loggers_quieted_by_name_still_exist():
     assert compat.report_logger_name() is not None
     module = importlib.import_module(compat.PLACEMENT_GROUP_CLEANER_LOGGER)
     assert "logger" in vars(module)
+
+
+def test_ray_train_still_logs_a_training_functions_traceback_where_the_worker_filters_storage_faults():
+    import inspect
+
+    module = importlib.import_module(compat.TRAIN_FN_ERROR_LOGGER)
+    assert module.logger.name == compat.TRAIN_FN_ERROR_LOGGER
+    assert f'logger.error(f"{compat.TRAIN_FN_ERROR_MESSAGE}:' in inspect.getsource(module.construct_user_exception_with_traceback)
+
+
+def test_the_worker_filter_drops_only_the_traceback_of_its_runs_storage_fault(tmp_path):
+    import logging
+
+    from mnist_dist import process_setup
+    from mnist_dist.store import Location
+
+    run = Location.of(tmp_path / "runs" / "r")
+    keep = process_setup.StorageFaultFilter(run).filter
+
+    def filtered(error, message=f"{compat.TRAIN_FN_ERROR_MESSAGE}:\nTraceback ..."):
+        record = logging.LogRecord(compat.TRAIN_FN_ERROR_LOGGER, logging.ERROR, __file__, 1, message, None, None)
+        try:
+            raise error
+        except Exception:  # Ray's logger logs it while the exception is handled
+            return not keep(record)
+
+    assert filtered(OSError(30, "Read-only file system", str(run / "checkpoint_epoch002")))
+    assert filtered(OSError(f"[Errno 30] Cannot create directory '{run}/checkpoint_epoch002'"))  # pyarrow's
+    assert filtered(StorageError(f"{run}/progress.json: writing failed (No space left on device)", "No space"))
+    assert not filtered(OSError(13, "Permission denied", "/home/me/.cache/mnist-dist/mnist"))  # not the run's
+    assert not filtered(ValueError("a bug")) and not filtered(KeyError("another"))
+    assert not filtered(OSError(30, "Read-only file system", str(run / "x")), message="another error")
 
 
 def test_ray_trains_default_preemption_deadline_is_the_one_the_workers_wait_for():

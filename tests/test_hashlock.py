@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import lock  # noqa: E402  (scripts/lock.py)
 
 LOCKS = [(extra, machine) for machine in lock.MACHINES for extra in lock.EXTRAS]
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) \\$")
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")  # every pin, with or without hashes or a marker
 
 
 def read_lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:

@@ -146,6 +146,10 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # warns once a second that the State API does not answer.
 REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Each worker logs the traceback of an exception that leaves the training function here,
+# under this message; the driver gets the same exception in WorkerGroupError.worker_failures.
+TRAIN_FN_ERROR_LOGGER = "ray.train.v2._internal.util"
+TRAIN_FN_ERROR_MESSAGE = "Error in training function"
 
 
 def report_logger_name() -> str | None:

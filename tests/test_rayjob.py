@@ -3,6 +3,7 @@ then what KubeRay would do with it, without Kubernetes or containers
 (tests/helpers/kuberay_local.py). It proves that the manifest's environment, paths,
 resources and entrypoint agree with each other and with the code."""
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -86,8 +87,11 @@ def test_a_forgotten_wiring_fails_within_a_minute_in_one_line(tmp_path, mnist_di
         status, logs = job.submit(timeout=300)
         seconds = time.monotonic() - started
     assert status == "FAILED", logs[-3000:]
-    # One line (the submitter prints the job's log again each time its pod is retried).
-    (line,) = {line for line in logs.splitlines() if "workers asked for" in line}
+    # One error line (the submitter prints the job's log again each time its pod is retried),
+    # after the start-up line that said it would wait for nodes to join.
+    waited = [line for line in logs.splitlines() if "waiting up to 30 s for more nodes to join" in line]
+    assert waited and re.match(r"\[ *\d+\.\d s\] the cluster's nodes cannot hold the workers yet", waited[0]), logs[-3000:]
+    (line,) = {line for line in logs.splitlines() if "workers asked for" in line and line not in waited}
     assert "place 2 of the 3 workers asked for (3 workers x 2 CPUs = 6 CPUs); its nodes have 4 CPUs in all" in line
     assert "transformers: [../../wiring]" in line and "Traceback" not in logs
     assert seconds < 60, f"the job took {seconds:.0f} s to fail"

@@ -182,8 +182,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         # The same checks and messages as `train`.
         TrainConfig(precision=args.precision, allreduce=args.allreduce).validate()
+        check_peer(args.peer_python, args.model)
         run(model=args.model, global_batch=args.global_batch, precision=args.precision, steps=args.steps,
-            workers=tuple(args.workers), json_path=args.json, allreduce=args.allreduce, rounds=args.rounds)
+            workers=tuple(args.workers), json_path=args.json, allreduce=args.allreduce, rounds=args.rounds,
+            peer_python=args.peer_python)
     elif args.kind == "infer":
         from mnist_dist.bench.infer import run
         run(exports=args.export, runs=args.run, iterations=args.iterations, seconds=args.seconds, json_path=args.json,
@@ -199,6 +201,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_peer(python: str | None, model: str) -> None:
+    from mnist_dist.bench import peers
+    from mnist_dist.config import ConfigError
+
+    if python and model not in peers.MODELS:
+        raise ConfigError(f"--peer-python: the peers build {' and '.join(peers.MODELS)} in tf_keras, not {model}. "
+                          f"Fix: --model {peers.MODELS[0]}, or leave out --peer-python")
+    peers.check_python(python)
+
+
 def add_bench_parsers(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: train throughput, inference latency, time to accuracy")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -212,6 +224,9 @@ def add_bench_parsers(sub) -> None:
     k.add_argument("--steps", type=int, default=100, help="global batches per epoch; the second of 2 epochs is timed")
     k.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to measure")
     k.add_argument("--rounds", type=int, default=1, help="measure every setup this many times, round-robin; report medians")
+    k.add_argument("--peer-python", default=None, metavar="PYTHON",
+                   help="the Python of a venv made from scripts/lock/bench-peer-*.txt: also run Ray's TensorflowTrainer "
+                        "example and TF_CONFIG with tf_keras (docs/benchmarks.md#the-peers)")
     k.add_argument("--json", default=None, help="also write the figures here")
     k.set_defaults(func=cmd_bench)
 

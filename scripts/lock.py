@@ -25,8 +25,9 @@ PYTHON = "3.11"
 # `uname -m` names the file; uv's target names the platform (manylinux_2_28: glibc 2.28 or newer,
 # which Debian 10+, Ubuntu 20.04+ and the Ray images have).
 MACHINES = {"x86_64": "x86_64-manylinux_2_28", "aarch64": "aarch64-manylinux_2_28"}
-# dev first: the others are resolved within it.
-EXTRAS = ("dev", "train", "train-gpu", "edge")
+# dev first: the others are resolved within it. bench-peer is a venv of its own (the peers of
+# `mnist-dist bench`); within dev too, so what both hold is the same files.
+EXTRAS = ("dev", "train", "train-gpu", "edge", "bench-peer")
 HEADER = "# pyproject-sha256: "
 
 
@@ -57,6 +58,11 @@ def compile_lock(uv: str, extra: str, machine: str, out: Path, within: Path | No
 
 def main() -> int:
     uv = shutil.which("uv")
+    try:  # dev installs uv into the venv, whose bin may not be on PATH
+        import uv as uv_package
+        uv = uv or uv_package.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        pass
     if uv is None:
         print("uv not found. Fix: pip install uv, then run python scripts/lock.py again.", file=sys.stderr)
         return 2
@@ -68,6 +74,10 @@ def main() -> int:
             dev = Path(scratch) / lock_path("dev", machine).name
             for extra in EXTRAS:
                 out = Path(scratch) / lock_path(extra, machine).name
+                # uv keeps the versions already in an output file where they still fit: a
+                # refresh for one new extra does not move every other pin.
+                if lock_path(extra, machine).exists():
+                    shutil.copy(lock_path(extra, machine), out)
                 compile_lock(uv, extra, machine, out, within=None if extra == "dev" else dev)
                 made.append(out)
         LOCK_DIR.mkdir(exist_ok=True)

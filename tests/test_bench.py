@@ -1,22 +1,66 @@
 """Each benchmark once, in its smallest form: they run and report; no timing is asserted."""
+import hashlib
 import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from mnist_dist.bench.train import summarize
 from mnist_dist.bench.tta import first_reaching
 
+PEER_LOCK = ROOT / "scripts" / "lock" / f"bench-peer-{platform.machine()}.txt"
+
+
+@pytest.fixture(scope="session")
+def peer_python() -> str:
+    """The bench peers' venv, made from their lock as docs/benchmarks.md says, and kept in the
+    user's cache by the lock's hash. A partial one is never taken for a made one."""
+    import uv
+
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-dist" / (
+        "bench-peer-" + hashlib.sha256(PEER_LOCK.read_bytes()).hexdigest()[:12])
+    if not (home / "ready").exists():
+        partial = home.with_name(f"{home.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run([uv.find_uv_bin(), "venv", "-q", "--python", sys.executable, str(partial)], check=True, timeout=300)
+        # Installed where it runs: a venv's scripts name their own path.
+        shutil.rmtree(home, ignore_errors=True)
+        partial.rename(home)
+        subprocess.run([uv.find_uv_bin(), "pip", "install", "-q", "--python", str(home / "bin" / "python"),
+                        "--require-hashes", "-r", str(PEER_LOCK)], check=True, timeout=900)
+        check = subprocess.run([uv.find_uv_bin(), "pip", "check", "--python", str(home / "bin" / "python")],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        (home / "ready").write_text(PEER_LOCK.read_text())
+    return str(home / "bin" / "python")
+
 
 @pytest.mark.slow  # trains, starts Ray or exports
-def test_bench_train_compares_plain_fit_step_and_ray(tmp_path):
+def test_bench_train_compares_plain_fit_step_ray_and_the_peers(tmp_path, peer_python):
     out = tmp_path / "train.json"
     proc = run_cli("bench", "train", "--model", "lenet5", "--steps", "3", "--global-batch", "32", "--workers", "1",
-                   "--json", out)
+                   "--peer-python", peer_python, "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine: " in proc.stdout and "tensorflow" in proc.stdout and "vs plain fit" in proc.stdout
     figures = json.loads(out.read_text())
-    assert set(figures["setups"]) == {"plain keras fit", "plain keras fit, steps_per_execution=10", "project step, 1 process", "ray, 1 worker"}
+    peers = {"ray TensorflowTrainer + tf_keras fit, 1 worker", "TF_CONFIG + tf_keras fit, no ray, 1 worker"}
+    assert set(figures["setups"]) == {"plain keras fit", "plain keras fit, steps_per_execution=10", "project step, 1 process",
+                                      "ray, 1 worker", *peers}
+    for name in peers:  # the same model, trained for the same steps, timed from outside
+        peer = figures["setups"][name]
+        assert peer["params"] == 61_706 and len(peer["epoch_seconds"]) == 2
+        assert peer["wall_seconds"] > peer["train_seconds"] > 0 and peer["startup_overhead_seconds"] > 0
+    assert figures["setups"]["ray TensorflowTrainer + tf_keras fit, 1 worker"]["checkpoint"]  # Ray's callback ran
+    assert set(figures["peers"]) == {"ray", "tf-config"}
+    for mode, ratio in figures["peers"].items():
+        assert ratio["img_s"] == pytest.approx(figures["setups"]["ray, 1 worker"]["img_s"] / figures["setups"][ratio["setup"]]["img_s"])
+        assert f"ray, 1 worker against {ratio['setup']}: {ratio['img_s']:.2f}x the img/s" in proc.stdout
     assert figures["ratios_to_plain_fit"]["plain keras fit"] == 1.0
     assert all(s["img_s"] > 0 for s in figures["setups"].values())
     assert figures["rounds"] == 1 and all(s["img_s_runs"] == [s["img_s"]] for s in figures["setups"].values())
@@ -49,6 +93,17 @@ def test_bench_infer_measures_tensorflow_and_both_onnx_models_of_several_exports
     assert {"Gemm", "FusedGemm"} & ops and any(op.startswith("Conv") or op == "FusedConv" for op in ops), ops
     assert any(op.startswith("QLinear") or op == "QGemm" for op, _n, _u in profile["int8"])
     assert "floor: one numpy matrix-vector product" in proc.stdout
+
+
+def test_bench_train_refuses_a_peer_python_that_is_not_the_peers_venv(tmp_path):
+    # The project's own environment has no tf_keras, and must not (pyproject.toml's bench-peer).
+    proc = run_cli("bench", "train", "--peer-python", sys.executable)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --peer-python {sys.executable} lacks tf_keras. Fix: ")
+    assert "scripts/lock/bench-peer-" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("bench", "train", "--peer-python", tmp_path / "nothing" / "python")
+    assert proc.returncode == 2 and "No such file or directory. Fix: make the venv" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = run_cli("bench", "train", "--model", "cnn-deep", "--peer-python", sys.executable)
+    assert proc.returncode == 2 and "the peers build tf-tutorial and lenet5 in tf_keras, not cnn-deep" in proc.stderr
 
 
 def test_bench_train_refuses_epochs_longer_than_the_training_set():

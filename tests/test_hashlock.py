@@ -70,7 +70,8 @@ def test_each_lock_pins_what_its_extra_asks_for_with_hashes(extra, machine):
         version, hashes = pins[name]
         assert requirement.specifier.contains(version, prereleases=True), f"{extra}-{machine}: {name}=={version} is outside {requirement}"
     assert all(hashes for _, hashes in pins.values())  # --require-hashes refuses a pin without one
-    expected_tf = "tensorflow" if extra == "train-gpu" or machine == "aarch64" else "tensorflow-cpu"
+    # bench-peer's tf-keras requires the `tensorflow` distribution: that is why it is a venv of its own.
+    expected_tf = "tensorflow" if extra in ("train-gpu", "bench-peer") or machine == "aarch64" else "tensorflow-cpu"
     if extra != "edge":
         assert expected_tf in pins and ({"tensorflow", "tensorflow-cpu"} - {expected_tf}).isdisjoint(pins)
     else:
@@ -81,7 +82,7 @@ def test_each_lock_pins_what_its_extra_asks_for_with_hashes(extra, machine):
 def test_the_smaller_locks_hold_devs_versions_and_files(machine):
     """CI installs dev; the image installs train: every package both hold is the same files."""
     dev = read_lock(lock.lock_path("dev", machine))
-    for extra in ("train", "train-gpu", "edge"):
+    for extra in ("train", "train-gpu", "edge", "bench-peer"):
         for name, pin in read_lock(lock.lock_path(extra, machine)).items():
             assert name not in dev or dev[name] == pin, f"{extra}-{machine}: {name} differs from dev's"
     train = read_lock(lock.lock_path("train", machine))

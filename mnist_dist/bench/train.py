@@ -5,7 +5,10 @@ and precision:
       `steps_per_execution` set to the project's own default, for reference;
   (b) the project's `strategy.run` step in one process (the default strategy);
   (c) the project through Ray Train with each requested number of workers
-      (MultiWorkerMirroredStrategy when more than one).
+      (MultiWorkerMirroredStrategy when more than one);
+  (d) with `--peer-python`, what a user would run instead (mnist_dist.bench.peers), for the
+      most workers asked: Ray's TensorflowTrainer example with tf_keras `fit`, and
+      TensorFlow's own TF_CONFIG recipe without Ray.
 
 Each setup runs in its own fresh process (thread pools are per process) for two epochs of
 `--steps` global batches; the second epoch is measured, so tracing and warm-up are
@@ -91,6 +94,21 @@ def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers
             "cpus_per_worker": cpus}
 
 
+def _peer(mode: str, model: str, global_batch: int, precision: str, steps: int, workers: int, python: str) -> dict[str, Any]:
+    """(d): the same images, model, optimizer, global batch and workers, in the peer's venv."""
+    from mnist_dist import data as mnist
+    from mnist_dist.bench import peers
+
+    images = mnist.load(train_limit=steps * global_batch, val_size=1000)
+    defaults = TrainConfig()  # the optimizer of (a), at its constant rate
+    with tempfile.TemporaryDirectory(prefix="mnist-peer-data-") as folder:
+        return peers.run(python, mode, model=model, global_batch=global_batch, precision=precision, steps=steps,
+                         workers=workers, learning_rate=defaults.learning_rate, l2=defaults.l2,
+                         data_path=peers.write_data(images.train_x, images.train_y, folder),
+                         pixel_offset=mnist.PIXEL_OFFSET, pixel_scale=mnist.PIXEL_SCALE,
+                         cpus_per_worker=max(1, usable_cores() // workers))
+
+
 def _median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median img/s (the lower middle one of an even count)."""
     return sorted(results, key=lambda r: r["img_s"])[(len(results) - 1) // 2]
@@ -100,9 +118,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str = "plain kera
     """(setups, ratios) from every round's runs: each setup's median run with all its img/s,
     and the median over rounds of its ratio to the baseline's run of the same round."""
     setups = {name: {**_median_run(results), "img_s_runs": [r["img_s"] for r in results]} for name, results in runs.items()}
-    ratios = {name: float(np.median([r["img_s"] / base["img_s"] for r, base in zip(results, runs[baseline])]))
-              for name, results in runs.items()}
+    ratios = {name: median_ratio(results, runs[baseline]) for name, results in runs.items()}
     return setups, ratios
+
+
+def median_ratio(runs: list[dict[str, Any]], against: list[dict[str, Any]], key: str = "img_s") -> float:
+    """The median over rounds of runs[i][key] / against[i][key]: each round against its own."""
+    return float(np.median([r[key] / a[key] for r, a in zip(runs, against)]))
 
 
 def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, steps: int, *extra: int) -> dict[str, Any]:
@@ -116,7 +138,7 @@ def _in_subprocess(setup: str, model: str, global_batch: int, precision: str, st
 
 def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "fp32", steps: int = 100,
         workers: tuple[int, ...] = (1, 2), json_path: str | None = None, allreduce: str = "auto", rounds: int = 1,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        peer_python: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     if rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
     # Every setup holds out 1,000 validation images of MNIST's 60,000; an epoch longer than
@@ -137,6 +159,12 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
              lambda: _in_subprocess("plain", model, global_batch, precision, steps, per_call)),
             ("project step, 1 process", lambda: _in_subprocess("step", model, global_batch, precision, steps))]
     plan += [(f"ray, {n} worker{'s' * (n > 1)}", lambda n=n: _ray(model, global_batch, precision, steps, n, allreduce)) for n in workers]
+    most = max(workers)
+    project, peer_names = f"ray, {most} worker{'s' * (most > 1)}", {}
+    if peer_python:
+        for mode, what in (("ray", "ray TensorflowTrainer + tf_keras fit"), ("tf-config", "TF_CONFIG + tf_keras fit, no ray")):
+            peer_names[mode] = f"{what}, {most} worker{'s' * (most > 1)}"
+            plan.append((peer_names[mode], lambda mode=mode: _peer(mode, model, global_batch, precision, steps, most, peer_python)))
     # Round after round of every setup: a VM's speed drifts over minutes (docs/benchmarks.md),
     # so each ratio compares runs of the same round, and the median ratio is reported.
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
@@ -148,14 +176,29 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
     table(["setup", "img/s", "vs plain fit", "wall s", "of which training s", "start-up overhead s", "spot check ms/call"]
           + (["img/s of each round"] if rounds > 1 else []),
           [[name, f"{s['img_s']:,.0f}", f"{ratios[name]:.2f}x",
-            *([f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}", f"{s['startup_overhead_seconds']:.1f}",
-               f"{s['spot_check_ms']:.2f}"] if "wall_seconds" in s else ["", "", "", ""]),
+            *([f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}", f"{s['startup_overhead_seconds']:.1f}"]
+              if "wall_seconds" in s else ["", "", ""]),
+            f"{s['spot_check_ms']:.2f}" if "spot_check_ms" in s else "",
             *([" / ".join(f"{x:,.0f}" for x in s["img_s_runs"])] if rounds > 1 else [])] for name, s in setups.items()], log)
     payload = {"benchmark": "train", "machine": machine, "model": model, "global_batch": global_batch,
                "precision": precision, "allreduce": reduced_in, "steps": steps, "rounds": rounds, "setups": setups,
                "ratios_to_plain_fit": ratios}
+    if peer_names:
+        payload["peers"] = compare_with_peers(runs, project, peer_names, log)
     save(json_path, payload, log)
     return payload
+
+
+def compare_with_peers(runs: dict[str, list[dict[str, Any]]], project: str, peer_names: dict[str, str],
+                       log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """The project's Ray run against each peer, img/s and start-up overhead, round by round."""
+    ratios = {}
+    for mode, name in peer_names.items():
+        ratios[mode] = {"setup": name, "img_s": median_ratio(runs[project], runs[name]),
+                        "startup_overhead": median_ratio(runs[project], runs[name], "startup_overhead_seconds")}
+        log(f"{project} against {name}: {ratios[mode]['img_s']:.2f}x the img/s, "
+            f"{ratios[mode]['startup_overhead']:.2f}x the start-up overhead")
+    return ratios
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mnist_dist.bench import check_json_path
+    from mnist_dist.bench import check_json_path, peers
 
     check_json_path(args.json)  # before minutes of measuring
     if args.kind == "train":
@@ -182,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         # The same checks and messages as `train`.
         TrainConfig(precision=args.precision, allreduce=args.allreduce).validate()
-        check_peer(args.peer_python, args.model)
+        peers.check(args.peer_python, TrainConfig(model=args.model))
         run(model=args.model, global_batch=args.global_batch, precision=args.precision, steps=args.steps,
             workers=tuple(args.workers), json_path=args.json, allreduce=args.allreduce, rounds=args.rounds,
             peer_python=args.peer_python)
@@ -194,21 +194,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from mnist_dist.bench.startup import run
         from mnist_dist.config import TrainConfig
         TrainConfig(workers=args.workers).validate()  # the same checks and messages as `train`
-        run(workers=args.workers, train_limit=args.train_limit, json_path=args.json)
+        peers.check(args.peer_python, TrainConfig())
+        run(workers=args.workers, train_limit=args.train_limit, json_path=args.json, peer_python=args.peer_python)
     else:
         from mnist_dist.bench.tta import run
-        run(config_from_args(args), target=args.target, json_path=args.json, in_process=args.in_process)
+        config = config_from_args(args)
+        peers.check(args.peer_python, config)
+        run(config, target=args.target, json_path=args.json, in_process=args.in_process, peer_python=args.peer_python)
     return 0
-
-
-def check_peer(python: str | None, model: str) -> None:
-    from mnist_dist.bench import peers
-    from mnist_dist.config import ConfigError
-
-    if python and model not in peers.MODELS:
-        raise ConfigError(f"--peer-python: the peers build {' and '.join(peers.MODELS)} in tf_keras, not {model}. "
-                          f"Fix: --model {peers.MODELS[0]}, or leave out --peer-python")
-    peers.check_python(python)
 
 
 def add_bench_parsers(sub) -> None:
@@ -242,12 +235,16 @@ def add_bench_parsers(sub) -> None:
     k = kinds.add_parser("startup", help="seconds outside training of `train --epochs 1`, against Ray Train's own floor")
     k.add_argument("--workers", type=int, default=2)
     k.add_argument("--train-limit", type=int, default=None, help="train on the first N images (default: all)")
+    k.add_argument("--peer-python", default=None, metavar="PYTHON",
+                   help="also time Ray's TensorflowTrainer example with tf_keras for one epoch (docs/benchmarks.md#the-peers)")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 
     k = kinds.add_parser("tta", help="training seconds until the test accuracy first reaches --target")
     add_train_arguments(k)
     k.add_argument("--target", type=float, default=0.99, help="test accuracy to reach (default 0.99)")
+    k.add_argument("--peer-python", default=None, metavar="PYTHON",
+                   help="also Ray's TensorflowTrainer example with tf_keras, the same recipe (docs/benchmarks.md#the-peers)")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 

@@ -6,11 +6,13 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, run_cli
+from mnist_dist.bench.peers import PeerFailed, _run_workers
 from mnist_dist.bench.train import summarize
 from mnist_dist.bench.tta import first_reaching
 
@@ -41,31 +43,41 @@ def peer_python() -> str:
     return str(home / "bin" / "python")
 
 
+def assert_a_peer_run(peer: dict, steps: int, global_batch: int, epochs: int, params: int) -> None:
+    """The same model, trained for the asked epochs and steps, each epoch timed, and the whole
+    run timed from outside."""
+    assert peer["params"] == params and len(peer["epoch_seconds"]) == epochs and min(peer["epoch_seconds"]) > 0
+    assert peer["train_seconds"] == pytest.approx(sum(peer["epoch_seconds"]))
+    assert peer["img_s"] * peer["epoch_seconds"][-1] == pytest.approx(steps * global_batch)
+    assert peer["wall_seconds"] > peer["train_seconds"]
+
+
 @pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_train_compares_plain_fit_step_ray_and_the_peers(tmp_path, peer_python):
     out = tmp_path / "train.json"
-    proc = run_cli("bench", "train", "--model", "lenet5", "--steps", "3", "--global-batch", "32", "--workers", "1",
+    proc = run_cli("bench", "train", "--model", "lenet5", "--steps", "3", "--global-batch", "32", "--workers", "2",
                    "--peer-python", peer_python, "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine: " in proc.stdout and "tensorflow" in proc.stdout and "vs plain fit" in proc.stdout
     figures = json.loads(out.read_text())
-    peers = {"ray TensorflowTrainer + tf_keras fit, 1 worker", "TF_CONFIG + tf_keras fit, no ray, 1 worker"}
+    peers = {"ray TensorflowTrainer + tf_keras fit, 2 workers", "TF_CONFIG + tf_keras fit, no ray, 2 workers"}
     assert set(figures["setups"]) == {"plain keras fit", "plain keras fit, steps_per_execution=10", "project step, 1 process",
-                                      "ray, 1 worker", *peers}
-    for name in peers:  # the same model, trained for the same steps, timed from outside
-        peer = figures["setups"][name]
-        assert peer["params"] == 61_706 and len(peer["epoch_seconds"]) == 2
-        assert peer["wall_seconds"] > peer["train_seconds"] > 0 and peer["startup_overhead_seconds"] > 0
-    assert figures["setups"]["ray TensorflowTrainer + tf_keras fit, 1 worker"]["checkpoint"]  # Ray's callback ran
+                                      "ray, 2 workers", *peers}
+    for name in peers:
+        assert_a_peer_run(figures["setups"][name], steps=3, global_batch=32, epochs=2, params=61_706)
+    assert figures["setups"]["ray TensorflowTrainer + tf_keras fit, 2 workers"]["checkpoint"]  # Ray's callback ran
+    assert figures["against_one_process"] == pytest.approx(figures["setups"]["ray, 2 workers"]["img_s"]
+                                                           / figures["setups"]["project step, 1 process"]["img_s"])
+    assert f"ray, 2 workers against project step, 1 process: {figures['against_one_process']:.2f}x the img/s" in proc.stdout
     assert set(figures["peers"]) == {"ray", "tf-config"}
     for mode, ratio in figures["peers"].items():
-        assert ratio["img_s"] == pytest.approx(figures["setups"]["ray, 1 worker"]["img_s"] / figures["setups"][ratio["setup"]]["img_s"])
-        assert f"ray, 1 worker against {ratio['setup']}: {ratio['img_s']:.2f}x the img/s" in proc.stdout
+        assert ratio["img_s"] == pytest.approx(figures["setups"]["ray, 2 workers"]["img_s"] / figures["setups"][ratio["setup"]]["img_s"])
+        assert f"ray, 2 workers against {ratio['setup']}: {ratio['img_s']:.2f}x the img/s" in proc.stdout
     assert figures["ratios_to_plain_fit"]["plain keras fit"] == 1.0
     assert all(s["img_s"] > 0 for s in figures["setups"].values())
     assert figures["rounds"] == 1 and all(s["img_s_runs"] == [s["img_s"]] for s in figures["setups"].values())
     assert figures["allreduce"] == "fp32"
-    ray = figures["setups"]["ray, 1 worker"]
+    ray = figures["setups"]["ray, 2 workers"]
     assert ray["wall_seconds"] > ray["train_seconds"] > 0
     assert figures["machine"]["cores"] >= 1 and "keras" in figures["machine"]["versions"]
 
@@ -106,6 +118,34 @@ def test_bench_train_refuses_a_peer_python_that_is_not_the_peers_venv(tmp_path):
     assert proc.returncode == 2 and "the peers build tf-tutorial and lenet5 in tf_keras, not cnn-deep" in proc.stderr
 
 
+STUB_WORKER = """
+import os, sys, time
+if os.environ["RANK"] == "1":
+    sys.exit("worker 1 gave up")
+time.sleep(120)  # as a worker waiting on the cluster would
+"""
+
+
+def test_a_peer_worker_that_fails_stops_the_others_and_is_named(tmp_path):
+    script = tmp_path / "stub.py"
+    script.write_text(STUB_WORKER)
+    started = time.monotonic()
+    with pytest.raises(PeerFailed, match=r"worker 1 exited with 1:\nworker 1 gave up") as failure:
+        _run_workers(sys.executable, "tf-config", "{}", str(tmp_path), dict(os.environ), [{"RANK": "0"}, {"RANK": "1"}],
+                     script=script)
+    assert time.monotonic() - started < 60 and "TF_CONFIG + tf_keras fit" in str(failure.value)
+    alive = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout
+    assert not alive, f"left running: {alive}"
+
+
+def test_a_peer_that_does_not_finish_in_time_is_stopped(tmp_path):
+    script = tmp_path / "stub.py"
+    script.write_text(STUB_WORKER)
+    with pytest.raises(PeerFailed, match="did not finish in 1 s"):
+        _run_workers(sys.executable, "ray", "{}", str(tmp_path), dict(os.environ), [{"RANK": "0"}], script=script, deadline_s=1)
+    assert not subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout
+
+
 def test_bench_train_refuses_epochs_longer_than_the_training_set():
     # 400 x 256 images is more than MNIST has: the epoch would be cut short and img/s overstated.
     proc = run_cli("bench", "train", "--steps", "400")
@@ -128,11 +168,11 @@ def test_bench_infer_without_mnist_is_one_line_before_any_measurement(tmp_path, 
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
-def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
+def test_bench_tta_records_test_accuracy_at_each_interval_and_the_peers(tmp_path, peer_python):
     """In this process: the probes are the training loop's own, on Ray workers as here (rank 0 takes them)."""
     out = tmp_path / "tta.json"
     proc = run_cli("bench", "tta", "--in-process", "--preset", "smoke", "--epochs", "1", "--eval-every", "8",
-                   "--target", "0.5", "--storage", tmp_path, "--name", "tta", "--json", out)
+                   "--target", "0.5", "--storage", tmp_path, "--name", "tta", "--peer-python", peer_python, "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["in_process"] is True and "in this process" in proc.stdout and "RayTrainWorker" not in proc.stdout
@@ -141,17 +181,29 @@ def test_bench_tta_records_test_accuracy_at_each_interval(tmp_path):
     assert times == sorted(times) and times[-1] <= figures["train_seconds"] + 1e-6
     assert figures["reached_at"] == first_reaching(figures["probes"], 0.5)
     assert "time to 50.0% test accuracy" in proc.stdout or "did not reach" in proc.stdout
+    # The peer: Ray's example with the same recipe (--in-process is one worker: 64 of 2,048 images, 32 steps), probed alike.
+    peer = figures["peer"]
+    assert_a_peer_run(peer, steps=32, global_batch=64, epochs=1, params=61_706)
+    assert [p["step"] for p in peer["probes"]] == [8, 16, 24, 32]
+    times = [p["train_seconds"] for p in peer["probes"]]
+    assert 0 < times[0] and times == sorted(times) and times[-1] <= peer["train_seconds"]
+    assert all(0 <= p["test_accuracy"] <= 1 for p in peer["probes"]) and peer["probes"][-1]["test_accuracy"] > 0.2
+    assert peer["reached_at"] == first_reaching(peer["probes"], 0.5)
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
-def test_bench_startup_compares_a_run_with_ray_trains_floor(tmp_path):
+def test_bench_startup_compares_a_run_with_ray_trains_floor_and_the_peer(tmp_path, peer_python):
     out = tmp_path / "startup.json"
-    proc = run_cli("bench", "startup", "--train-limit", "1024", "--json", out)
+    proc = run_cli("bench", "startup", "--train-limit", "1024", "--peer-python", peer_python, "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["ray_floor_seconds"] > 0 and figures["train_wall_seconds"] > figures["train_seconds"] > 0
     assert figures["workers"] == 2 and figures["train_limit"] == 1024
     assert "ray train, function that only reports" in proc.stdout and "mnist-dist train --epochs 1" in proc.stdout
+    peer = figures["peer"]  # one epoch of the same 1,024 images at train's global batch (2 x 128): 4 steps
+    assert_a_peer_run(peer, steps=4, global_batch=256, epochs=1, params=1_663_370)
+    assert peer["checkpoint"]
+    assert f"{figures['startup_overhead_seconds'] / peer['startup_overhead_seconds']:.2f}x its seconds outside training" in proc.stdout
 
 
 def test_bench_startup_refuses_zero_workers():

@@ -710,25 +710,6 @@ def test_the_images_mnist_step_verifies_what_it_has_and_fails_the_build_on_a_bad
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1 and "t10k-labels" in proc.stderr, proc.stderr
 
 
-@pytest.mark.slow
-def test_the_gpu_image_extra_resolves_for_the_images_python(tmp_path, wheel):
-    """The GPU image's `pip install ".[train-gpu]"`, resolved by pip's own resolver for a fresh
-    CPython 3.11 on x86_64 Linux with glibc 2.35 (rayproject/ray:2.60.0-py311-gpu is built on
-    Ubuntu 22.04), without installing: wheel metadata only, from the package index."""
-    report = tmp_path / "report.json"
-    platforms = [arg for glibc in range(35, 16, -1) for arg in ("--platform", f"manylinux_2_{glibc}_x86_64")]
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-                           "--only-binary=:all:", *platforms, "--platform", "manylinux2014_x86_64",
-                           "--python-version", "3.11", "--implementation", "cp", "--target", str(tmp_path / "unused"),
-                           "--report", str(report), f"{wheel}[train-gpu]"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    versions = {item["metadata"]["name"].lower(): item["metadata"]["version"]
-                for item in json.loads(report.read_text())["install"]}
-    assert versions["tensorflow"].startswith("2.21.") and "tensorflow-cpu" not in versions
-    assert {"nvidia-cudnn-cu12", "nvidia-nccl-cu12", "nvidia-cublas-cu12"} <= set(versions)  # tensorflow[and-cuda]
-    assert versions["ray"].startswith("2.60.") and versions["keras"].startswith("3.")
-
-
 def test_the_spot_overlay_puts_an_elastic_group_on_every_clouds_spot_nodes_and_drains_before_it_stops():
     by_kind = {doc["kind"]: doc for doc in render(K8S / "overlays" / "gpu-spot")}
     spec = by_kind["RayJob"]["spec"]["rayClusterSpec"]

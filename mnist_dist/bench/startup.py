@@ -2,7 +2,9 @@
 
 (a) Ray Train's floor: a fresh process starts the same local Ray as `train`, runs a
     2-worker `DataParallelTrainer` whose function only reports, and shuts Ray down.
-(b) `mnist-dist train --epochs 1` in a fresh process: its wall time minus its training time.
+(b) `mnist-dist train --epochs 1` in a fresh process: its wall time minus its training time;
+(c) with `--peer-python`, Ray's TensorflowTrainer example with tf_keras `fit`
+    (mnist_dist.bench.peers) for one epoch of the same images, model and global batch: the same.
 
 Each is timed from outside, process start to exit, as a user meets it.
 """
@@ -17,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mnist_dist.bench import header, save, table
+from mnist_dist.bench import header, peers, save, table
+from mnist_dist.config import TrainConfig
 
 
 def _report_at_once(_config: dict) -> None:
@@ -32,7 +35,6 @@ def _floor(workers: int) -> None:
     from ray.train import RunConfig
 
     from mnist_dist import compat
-    from mnist_dist.config import TrainConfig
     from mnist_dist.launcher import init_ray, scaling_config
 
     config = TrainConfig(workers=workers, synthetic=True)
@@ -52,14 +54,15 @@ def _timed(command: list[str]) -> float:
     return wall
 
 
-def run(workers: int = 2, train_limit: int | None = None, json_path: str | None = None,
+def run(workers: int = 2, train_limit: int | None = None, json_path: str | None = None, peer_python: str | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     machine = header(log)
     log(f"{workers} Ray workers on an embedded local Ray; `train --epochs 1` on "
         f"{f'the first {train_limit} training images' if train_limit else 'the whole training set'}")
-    log("[1/2] Ray Train with a training function that only reports ...")
+    count = 3 if peer_python else 2
+    log(f"[1/{count}] Ray Train with a training function that only reports ...")
     floor = _timed([sys.executable, "-m", "mnist_dist.bench.startup", str(workers)])
-    log("[2/2] mnist-dist train --epochs 1 ...")
+    log(f"[2/{count}] mnist-dist train --epochs 1 ...")
     with tempfile.TemporaryDirectory() as storage:
         command = [sys.executable, "-m", "mnist_dist.cli", "train", "--epochs", "1", "--workers", str(workers),
                    "--storage", storage, "--name", "startup"]
@@ -68,13 +71,21 @@ def run(workers: int = 2, train_limit: int | None = None, json_path: str | None 
         wall = _timed(command)
         train_seconds = json.loads((Path(storage) / "startup" / "result.json").read_text())["train_seconds"]
     outside = wall - train_seconds
-    table(["setup", "wall s", "training s", "outside training s", "vs Ray floor"],
-          [["ray train, function that only reports", f"{floor:.1f}", "", f"{floor:.1f}", "1.00x"],
-           ["mnist-dist train --epochs 1", f"{wall:.1f}", f"{train_seconds:.1f}", f"{outside:.1f}",
-            f"{outside / floor:.2f}x"]], log)
+    rows = [["ray train, function that only reports", f"{floor:.1f}", "", f"{floor:.1f}", "1.00x"],
+            ["mnist-dist train --epochs 1", f"{wall:.1f}", f"{train_seconds:.1f}", f"{outside:.1f}", f"{outside / floor:.2f}x"]]
+    peer = None
+    if peer_python:
+        log(f"[3/{count}] ray TensorflowTrainer + tf_keras fit, 1 epoch ...")
+        # What `train --epochs 1` trains: its model, global batch, images and recipe.
+        peer = peers.measure(peer_python, "ray", TrainConfig(workers=workers, train_limit=train_limit), epochs=1)
+        rows.append(["ray TensorflowTrainer + tf_keras fit, 1 epoch", f"{peer['wall_seconds']:.1f}", f"{peer['train_seconds']:.1f}",
+                     f"{peer['startup_overhead_seconds']:.1f}", f"{peer['startup_overhead_seconds'] / floor:.2f}x"])
+    table(["setup", "wall s", "training s", "outside training s", "vs Ray floor"], rows, log)
+    if peer:
+        log(f"mnist-dist train against the peer: {outside / peer['startup_overhead_seconds']:.2f}x its seconds outside training")
     payload = {"benchmark": "startup", "machine": machine, "workers": workers, "train_limit": train_limit,
                "ray_floor_seconds": floor, "train_wall_seconds": wall, "train_seconds": train_seconds,
-               "startup_overhead_seconds": outside}
+               "startup_overhead_seconds": outside, "peer": peer}
     save(json_path, payload, log)
     return payload
 

@@ -94,21 +94,6 @@ def _ray(model_name: str, global_batch: int, precision: str, steps: int, workers
             "cpus_per_worker": cpus}
 
 
-def _peer(mode: str, model: str, global_batch: int, precision: str, steps: int, workers: int, python: str) -> dict[str, Any]:
-    """(d): the same images, model, optimizer, global batch and workers, in the peer's venv."""
-    from mnist_dist import data as mnist
-    from mnist_dist.bench import peers
-
-    images = mnist.load(train_limit=steps * global_batch, val_size=1000)
-    defaults = TrainConfig()  # the optimizer of (a), at its constant rate
-    with tempfile.TemporaryDirectory(prefix="mnist-peer-data-") as folder:
-        return peers.run(python, mode, model=model, global_batch=global_batch, precision=precision, steps=steps,
-                         workers=workers, learning_rate=defaults.learning_rate, l2=defaults.l2,
-                         data_path=peers.write_data(images.train_x, images.train_y, folder),
-                         pixel_offset=mnist.PIXEL_OFFSET, pixel_scale=mnist.PIXEL_SCALE,
-                         cpus_per_worker=max(1, usable_cores() // workers))
-
-
 def _median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median img/s (the lower middle one of an even count)."""
     return sorted(results, key=lambda r: r["img_s"])[(len(results) - 1) // 2]
@@ -162,9 +147,16 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
     most = max(workers)
     project, peer_names = f"ray, {most} worker{'s' * (most > 1)}", {}
     if peer_python:
-        for mode, what in (("ray", "ray TensorflowTrainer + tf_keras fit"), ("tf-config", "TF_CONFIG + tf_keras fit, no ray")):
+        from mnist_dist.bench import peers
+
+        if most > 1 and reduced_in != "fp32":
+            log(f"the peers' MultiWorkerMirroredStrategy all-reduces gradients in fp32, the project's in {reduced_in}")
+        for mode, what in peers.MODES.items():
             peer_names[mode] = f"{what}, {most} worker{'s' * (most > 1)}"
-            plan.append((peer_names[mode], lambda mode=mode: _peer(mode, model, global_batch, precision, steps, most, peer_python)))
+            # The images and optimizer of (a), at its constant rate.
+            recipe = TrainConfig(model=model, workers=most, batch_size=global_batch // most, precision=precision,
+                                 lr_decay=1.0, train_limit=steps * global_batch, val_size=1000)
+            plan.append((peer_names[mode], lambda mode=mode, recipe=recipe: peers.measure(peer_python, mode, recipe, epochs=2, steps=steps)))
     # Round after round of every setup: a VM's speed drifts over minutes (docs/benchmarks.md),
     # so each ratio compares runs of the same round, and the median ratio is reported.
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
@@ -183,6 +175,9 @@ def run(model: str = "tf-tutorial", global_batch: int = 256, precision: str = "f
     payload = {"benchmark": "train", "machine": machine, "model": model, "global_batch": global_batch,
                "precision": precision, "allreduce": reduced_in, "steps": steps, "rounds": rounds, "setups": setups,
                "ratios_to_plain_fit": ratios}
+    # The most workers against one process of the project's own step: what distribution costs.
+    payload["against_one_process"] = median_ratio(runs[project], runs["project step, 1 process"])
+    log(f"{project} against project step, 1 process: {payload['against_one_process']:.2f}x the img/s")
     if peer_names:
         payload["peers"] = compare_with_peers(runs, project, peer_names, log)
     save(json_path, payload, log)

@@ -12,9 +12,8 @@ Run by the peer venv's Python (the `bench-peer` lock), never imported by mnist_d
 - `tf-config`: TensorFlow's own multi-worker recipe: this process is one worker of the
   cluster that TF_CONFIG names; rank 0 prints the result.
 
-Both train 2 epochs of `steps` global batches on the images the bench hands over, and time
-each epoch from Keras' callbacks; the second epoch is the measured one. The last line of
-stdout is one JSON object.
+Both train `epochs` epochs of `steps` global batches on the images the bench hands over, and
+time each epoch from Keras' callbacks. The last line of stdout is one JSON object.
 """
 import json
 import os
@@ -22,6 +21,8 @@ import sys
 import time
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+if os.environ.get("PEER_CORES"):  # the TF_CONFIG workers' own cores, set before TensorFlow starts its threads
+    os.sched_setaffinity(0, {int(core) for core in os.environ["PEER_CORES"].split(",")})
 
 
 def build(name, l2, precision):
@@ -51,53 +52,82 @@ def build(name, l2, precision):
     return tf.keras.Sequential([tf.keras.Input((28, 28, 1)), *body, logits])
 
 
-def dataset(args):
-    """Ray's example's pipeline (shuffle, repeat, batch by the global batch) over the bench's images."""
+def images(args, x_key, y_key):
     import numpy as np
-    import tensorflow as tf
 
     with np.load(args["data"]) as data:
-        x = ((data["x"].astype(np.float32) - args["pixel_offset"]) / args["pixel_scale"])[..., None]
-        y = data["y"].astype(np.int64)
+        x = ((data[x_key].astype(np.float32) - args["pixel_offset"]) / args["pixel_scale"])[..., None]
+        return x, data[y_key].astype(np.int64)
+
+
+def dataset(args):
+    """Ray's example's pipeline (shuffle, repeat, batch by the global batch) over the bench's images."""
+    import tensorflow as tf
+
+    x, y = images(args, "x", "y")
     return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x)).repeat().batch(args["global_batch"])
 
 
 def train(args, callbacks=()):
-    """The body of Ray's example's `train_func`: returns each epoch's seconds."""
+    """The body of Ray's example's `train_func`, with the bench's recipe: returns each epoch's
+    training seconds, the parameter count, and the test-accuracy probes."""
+    import numpy as np
     import tensorflow as tf
 
-    class EpochTimer(tf.keras.callbacks.Callback):
+    test_x, test_y = images(args, "test_x", "test_y") if args["probe_every"] else (None, None)
+
+    class Timer(tf.keras.callbacks.Callback):
+        """Each epoch's seconds, less the probes' (they are not training); every worker probes
+        alike, so that none waits for another at the next step's all-reduce."""
+
         def on_train_begin(self, logs=None):
-            self.seconds = []
+            self.seconds, self.probes, self.step = [], [], 0
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
+            self.start, self.probing = time.perf_counter(), 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step += 1
+            if args["probe_every"] and (self.step % args["probe_every"] == 0 or batch + 1 == args["steps"]):
+                began = time.perf_counter()
+                trained = sum(self.seconds) + began - self.start - self.probing
+                predicted = np.concatenate([np.argmax(self.model(test_x[i:i + 1000], training=False), -1)
+                                            for i in range(0, len(test_x), 1000)])
+                self.probing += time.perf_counter() - began
+                self.probes.append({"step": self.step, "train_seconds": trained,
+                                    "test_accuracy": float(np.mean(predicted == test_y))})
 
         def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.start)
+            self.seconds.append(time.perf_counter() - self.start - self.probing)
             if logs is not None:  # Ray's callback, next in the list, reports these
-                logs.update(epoch_seconds=self.seconds[-1], train_seconds=sum(self.seconds), params=self.model.count_params())
+                logs.update(epoch_seconds=json.dumps(self.seconds), probes=json.dumps(self.probes),
+                            params=self.model.count_params())
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     train_dataset = dataset(args)
     with strategy.scope():
         model = build(args["model"], args["l2"], args["precision"])
-        model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      optimizer=tf.keras.optimizers.Adam(learning_rate=args["learning_rate"]))
-    timer = EpochTimer()
-    model.fit(train_dataset, epochs=2, steps_per_epoch=args["steps"], callbacks=[timer, *callbacks], verbose=0)
-    return timer.seconds, model.count_params()
+        # Decayed once per epoch, as the project's ExponentialDecay(staircase=True) over global steps.
+        rate = tf.keras.optimizers.schedules.ExponentialDecay(args["learning_rate"], decay_steps=args["steps"],
+                                                              decay_rate=args["lr_decay"], staircase=True)
+        optimizer = (tf.keras.optimizers.Adam(learning_rate=rate) if args["optimizer"] == "adam" else
+                     tf.keras.optimizers.SGD(learning_rate=rate, momentum=args["momentum"]))
+        model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=optimizer)
+    timer = Timer()
+    model.fit(train_dataset, epochs=args["epochs"], steps_per_epoch=args["steps"], callbacks=[timer, *callbacks], verbose=0)
+    return timer.seconds, model.count_params(), timer.probes
 
 
-def summary(epoch_seconds, params, args, **extra):
+def summary(epoch_seconds, params, probes, args, **extra):
+    """The measured epoch is the last one."""
     return {"img_s": args["steps"] * args["global_batch"] / epoch_seconds[-1], "epoch_seconds": epoch_seconds,
-            "train_seconds": sum(epoch_seconds), "params": params, **extra}
+            "train_seconds": sum(epoch_seconds), "params": params, "probes": probes, "steps": args["steps"], **extra}
 
 
 def ray_train_func(args):
-    from ray.air.integrations.keras import ReportCheckpointCallback
+    from ray.train.tensorflow.keras import ReportCheckpointCallback
 
-    train(args, callbacks=[ReportCheckpointCallback(metrics=["epoch_seconds", "train_seconds", "params"])])
+    train(args, callbacks=[ReportCheckpointCallback(metrics=["epoch_seconds", "probes", "params"])])
 
 
 def main():
@@ -114,13 +144,13 @@ def main():
             run_config=RunConfig(storage_path=storage, name="peer"))
         result = trainer.fit()
         metrics = result.metrics
-        seconds = [metrics["train_seconds"] - metrics["epoch_seconds"], metrics["epoch_seconds"]]
         ray.shutdown()
-        print(json.dumps(summary(seconds, metrics["params"], args, checkpoint=bool(result.checkpoint))), flush=True)
+        print(json.dumps(summary(json.loads(metrics["epoch_seconds"]), metrics["params"], json.loads(metrics["probes"]),
+                                 args, checkpoint=bool(result.checkpoint))), flush=True)
     else:
-        seconds, params = train(args)
+        seconds, params, probes = train(args)
         if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
-            print(json.dumps(summary(seconds, params, args)), flush=True)
+            print(json.dumps(summary(seconds, params, probes, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         TrainConfig(workers=args.workers).validate()  # the same checks and messages as `train`
         peers.check(args.peer_python, TrainConfig())
         run(workers=args.workers, train_limit=args.train_limit, json_path=args.json, peer_python=args.peer_python)
+    elif args.kind == "pipeline":
+        from mnist_dist.bench.pipeline import run
+        config = config_from_args(args)
+        peers.check(args.peer_python, config)
+        run(config, json_path=args.json, peer_python=args.peer_python, in_process=args.in_process)
     else:
         from mnist_dist.bench.tta import run
         config = config_from_args(args)
@@ -205,7 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench_parsers(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: train throughput, inference latency, time to accuracy")
+    p = sub.add_parser("bench", help="benchmarks: train throughput, inference latency, start-up, time to accuracy, to an export")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
 
     k = kinds.add_parser("train", help="img/s: plain Keras fit vs the project's step vs Ray with 1..N workers")
@@ -237,6 +242,13 @@ def add_bench_parsers(sub) -> None:
     k.add_argument("--train-limit", type=int, default=None, help="train on the first N images (default: all)")
     k.add_argument("--peer-python", default=None, metavar="PYTHON",
                    help="also time Ray's TensorflowTrainer example with tf_keras for one epoch (docs/benchmarks.md#the-peers)")
+    k.add_argument("--json", default=None)
+    k.set_defaults(func=cmd_bench)
+
+    k = kinds.add_parser("pipeline", help="wall seconds to a checked ONNX model: mnist-dist pipeline vs the peer's train-then-tf2onnx")
+    add_train_arguments(k)
+    k.add_argument("--peer-python", default=None, metavar="PYTHON",
+                   help="also Ray's TensorflowTrainer example with tf_keras, then tf2onnx (docs/benchmarks.md#the-peers)")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 

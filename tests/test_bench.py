@@ -181,7 +181,7 @@ def test_bench_tta_records_test_accuracy_at_each_interval_and_the_peers(tmp_path
     assert times == sorted(times) and times[-1] <= figures["train_seconds"] + 1e-6
     assert figures["reached_at"] == first_reaching(figures["probes"], 0.5)
     assert "time to 50.0% test accuracy" in proc.stdout or "did not reach" in proc.stdout
-    # The peer: Ray's example with the same recipe (--in-process is one worker: 64 of 2,048 images, 32 steps), probed alike.
+    # The peer without Ray, as --in-process: one TF_CONFIG worker, the same recipe (64 of 2,048 images: 32 steps), probed alike.
     peer = figures["peer"]
     assert_a_peer_run(peer, steps=32, global_batch=64, epochs=1, params=61_706)
     assert [p["step"] for p in peer["probes"]] == [8, 16, 24, 32]
@@ -192,16 +192,32 @@ def test_bench_tta_records_test_accuracy_at_each_interval_and_the_peers(tmp_path
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
+def test_bench_pipeline_times_the_pipeline_and_the_peers_train_then_convert(tmp_path, peer_python):
+    out = tmp_path / "pipeline.json"
+    proc = run_cli("bench", "pipeline", "--in-process", "--preset", "smoke", "--peer-python", peer_python, "--json", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    project, peer = figures["project"], figures["peer"]
+    assert project["wall_seconds"] > project["train_seconds"] > 0 and 0.2 < project["onnx_accuracy"] <= 1
+    assert isinstance(project["verified"], bool)
+    # The peer (without Ray, as --in-process) converted its model with tf2onnx and ran it over the test set.
+    assert_a_peer_run(peer, steps=32, global_batch=64, epochs=2, params=61_706)
+    assert peer["onnx_bytes"] > 4 * 61_706 and peer["convert_seconds"] > 0 and "TF_CONFIG" in proc.stdout
+    assert 0.2 < peer["onnx_accuracy"] <= 1 and peer["disagreements"] <= 10  # of 10,000: float sums in another order
+    assert f"{project['wall_seconds'] / peer['wall_seconds']:.2f}x its wall seconds" in proc.stdout
+
+
+@pytest.mark.slow  # trains, starts Ray or exports
 def test_bench_startup_compares_a_run_with_ray_trains_floor_and_the_peer(tmp_path, peer_python):
     out = tmp_path / "startup.json"
-    proc = run_cli("bench", "startup", "--train-limit", "1024", "--peer-python", peer_python, "--json", out)
+    proc = run_cli("bench", "startup", "--workers", "1", "--train-limit", "1024", "--peer-python", peer_python, "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["ray_floor_seconds"] > 0 and figures["train_wall_seconds"] > figures["train_seconds"] > 0
-    assert figures["workers"] == 2 and figures["train_limit"] == 1024
+    assert figures["workers"] == 1 and figures["train_limit"] == 1024
     assert "ray train, function that only reports" in proc.stdout and "mnist-dist train --epochs 1" in proc.stdout
-    peer = figures["peer"]  # one epoch of the same 1,024 images at train's global batch (2 x 128): 4 steps
-    assert_a_peer_run(peer, steps=4, global_batch=256, epochs=1, params=1_663_370)
+    peer = figures["peer"]  # one epoch of the same 1,024 images at train's global batch (1 x 128): 8 steps
+    assert_a_peer_run(peer, steps=8, global_batch=128, epochs=1, params=1_663_370)
     assert peer["checkpoint"]
     assert f"{figures['startup_overhead_seconds'] / peer['startup_overhead_seconds']:.2f}x its seconds outside training" in proc.stdout
 

@@ -6,7 +6,10 @@
   batch-256 throughput);
 - `bench tta`: training seconds until the test accuracy first reaches a target;
 - `bench startup`: the seconds `train --epochs 1` spends outside training, against a Ray
-  Train run that does nothing.
+  Train run that does nothing;
+- `bench pipeline`: the wall seconds of `mnist-dist pipeline`, start to verified export.
+
+With `--peer-python`, each also runs what a user would run instead (mnist_dist.bench.peers).
 
 Benchmarks print figures and ratios; tests run each once in its smallest form and never
 assert on a timing.

@@ -59,9 +59,11 @@ def run(config, target: float = 0.99, json_path: str | None = None, in_process: 
     if peer_python:
         from mnist_dist.bench import peers
 
-        who = f"{peers.MODES['ray']}, {config.workers} worker(s)"
+        # In one process against the peer without Ray (TF_CONFIG), as `--in-process` trains without it.
+        mode = "tf-config" if in_process else "ray"
+        who = f"{peers.MODES[mode]}, {config.workers} worker(s)"
         log(f"{who}, the same recipe ...")
-        peer = peers.measure(peer_python, "ray", config, epochs=config.epochs, probe_every=config.eval_every)
+        peer = peers.measure(peer_python, mode, config, epochs=config.epochs, probe_every=config.eval_every)
         peer_hit = report(who, peer["probes"], peer["steps"], target, config.epochs, log)
         log(f"{who}: wall {peer['wall_seconds']:.1f} s, training {peer['train_seconds']:.1f} s")
         if hit and peer_hit:

@@ -38,7 +38,7 @@ class PeerFailed(MnistDistError):
 
 
 def check(python: str | None, config: TrainConfig) -> None:
-    """Before any measuring: the peer venv answers, with tf_keras and Ray, and can train `config`."""
+    """Before any measuring: the peer venv answers, with tf_keras, Ray and tf2onnx, and can train `config`."""
     if python is None:
         return
     if config.model not in MODELS:
@@ -49,7 +49,7 @@ def check(python: str | None, config: TrainConfig) -> None:
                           f"{'--augment' if config.augment else '--synthetic'}. Fix: leave it out, or leave out --peer-python")
     try:
         proc = subprocess.run([python, "-P", "-c", "import importlib.util as u; "
-                               "print(', '.join(m for m in ('tensorflow', 'tf_keras', 'ray') if not u.find_spec(m)))"],
+                               "print(', '.join(m for m in ('tensorflow', 'tf_keras', 'ray', 'tf2onnx') if not u.find_spec(m)))"],
                               capture_output=True, text=True, timeout=120)
     except OSError as error:
         raise ConfigError(f"--peer-python {python}: {error.strerror}. Fix: make the venv: {HOW_TO_MAKE}") from None
@@ -61,11 +61,12 @@ def check(python: str | None, config: TrainConfig) -> None:
 
 
 def measure(python: str, mode: str, config: TrainConfig, *, epochs: int, steps: int | None = None,
-            probe_every: int = 0) -> dict[str, Any]:
+            probe_every: int = 0, convert: bool = False) -> dict[str, Any]:
     """One peer run of `config`'s model, precision, workers, global batch and recipe (optimizer,
     rate and its decay per epoch, L2), on the images the project's run of `config` trains on,
     timed from outside as a user meets it. `steps` per epoch defaults to every whole global
-    batch, as the project's; `probe_every` N steps, the test accuracy (not counted as training)."""
+    batch, as the project's; `probe_every` N steps, the test accuracy (not counted as training);
+    `convert`: then the model to ONNX with tf2onnx, run over the test set."""
     from mnist_dist import data as mnist
     from mnist_dist.machine import usable_cores
 
@@ -74,7 +75,7 @@ def measure(python: str, mode: str, config: TrainConfig, *, epochs: int, steps: 
     arguments = {"model": config.model, "global_batch": global_batch, "precision": config.precision,
                  "workers": config.workers, "epochs": epochs, "steps": steps or len(images.train_y) // global_batch,
                  "optimizer": config.optimizer, "learning_rate": config.learning_rate, "lr_decay": config.lr_decay,
-                 "momentum": config.momentum, "l2": config.l2, "probe_every": probe_every,
+                 "momentum": config.momentum, "l2": config.l2, "probe_every": probe_every, "convert": convert,
                  "pixel_offset": mnist.PIXEL_OFFSET, "pixel_scale": mnist.PIXEL_SCALE,
                  "cpus_per_worker": max(1, usable_cores() // config.workers)}
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -13,7 +13,9 @@ Run by the peer venv's Python (the `bench-peer` lock), never imported by mnist_d
   cluster that TF_CONFIG names; rank 0 prints the result.
 
 Both train `epochs` epochs of `steps` global batches on the images the bench hands over, and
-time each epoch from Keras' callbacks. The last line of stdout is one JSON object.
+time each epoch from Keras' callbacks. With `convert`, the usual script after training
+follows: the model to ONNX with tf2onnx, and ONNX Runtime over the test set. The last line
+of stdout is one JSON object.
 """
 import json
 import os
@@ -115,7 +117,7 @@ def train(args, callbacks=()):
         model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=optimizer)
     timer = Timer()
     model.fit(train_dataset, epochs=args["epochs"], steps_per_epoch=args["steps"], callbacks=[timer, *callbacks], verbose=0)
-    return timer.seconds, model.count_params(), timer.probes
+    return timer.seconds, model.count_params(), timer.probes, model
 
 
 def summary(epoch_seconds, params, probes, args, **extra):
@@ -130,27 +132,62 @@ def ray_train_func(args):
     train(args, callbacks=[ReportCheckpointCallback(metrics=["epoch_seconds", "probes", "params"])])
 
 
+def fit_with_ray(args, storage):
+    """Ray's example: a TensorflowTrainer of `workers` workers on a Ray of its own."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    ray.init(address="local")  # a Ray of its own, never a cluster a `ray start` left running
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=ray_train_func, train_loop_config=args,
+        scaling_config=ScalingConfig(num_workers=args["workers"], resources_per_worker={"CPU": args["cpus_per_worker"]}),
+        run_config=RunConfig(storage_path=storage, name="peer"))
+    result = trainer.fit()
+    ray.shutdown()
+    metrics = result.metrics
+    return result, summary(json.loads(metrics["epoch_seconds"]), metrics["params"], json.loads(metrics["probes"]), args,
+                           checkpoint=bool(result.checkpoint))
+
+
+def convert_and_check(args, model, storage):
+    """The usual script after training: the model to ONNX with tf2onnx.convert.from_keras,
+    then ONNX Runtime over the whole test set against tf_keras."""
+    import numpy as np
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    path = os.path.join(storage, "model.onnx")
+    tf2onnx.convert.from_keras(model, input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32, name="image")],
+                               opset=17, output_path=path)
+    x, y = images(args, "test_x", "test_y")
+    expected = np.argmax(model.predict(x, batch_size=1000, verbose=0), -1)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = np.argmax(session.run(None, {session.get_inputs()[0].name: x})[0], -1)
+    return {"onnx_accuracy": float(np.mean(got == y)), "disagreements": int(np.sum(got != expected)),
+            "onnx_bytes": os.path.getsize(path)}
+
+
 def main():
     mode, args, storage = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     if mode == "ray":
-        import ray
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.tensorflow import TensorflowTrainer
+        result, figures = fit_with_ray(args, storage)
+        if args["convert"]:  # the last checkpoint, as Ray's callback saved it
+            from ray.train.tensorflow import TensorflowCheckpoint
 
-        ray.init(address="local")  # a Ray of its own, never a cluster a `ray start` left running
-        trainer = TensorflowTrainer(
-            train_loop_per_worker=ray_train_func, train_loop_config=args,
-            scaling_config=ScalingConfig(num_workers=args["workers"], resources_per_worker={"CPU": args["cpus_per_worker"]}),
-            run_config=RunConfig(storage_path=storage, name="peer"))
-        result = trainer.fit()
-        metrics = result.metrics
-        ray.shutdown()
-        print(json.dumps(summary(json.loads(metrics["epoch_seconds"]), metrics["params"], json.loads(metrics["probes"]),
-                                 args, checkpoint=bool(result.checkpoint))), flush=True)
+            converting = time.perf_counter()
+            model = TensorflowCheckpoint.from_directory(result.checkpoint.path).get_model()
+            figures.update(convert_and_check(args, model, storage), convert_seconds=time.perf_counter() - converting)
     else:
-        seconds, params, probes = train(args)
-        if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
-            print(json.dumps(summary(seconds, params, probes, args)), flush=True)
+        seconds, params, probes, model = train(args)
+        if json.loads(os.environ["TF_CONFIG"])["task"]["index"] != 0:
+            return
+        figures = summary(seconds, params, probes, args)
+        if args["convert"]:
+            converting = time.perf_counter()
+            figures.update(convert_and_check(args, model, storage), convert_seconds=time.perf_counter() - converting)
+    print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_peer_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--peer-python", default=None, metavar="PYTHON",
+                        help=f"the Python of a venv made from scripts/lock/bench-peer-*.txt: also run {what} "
+                             "(docs/benchmarks.md#the-peers)")
+
+
 def add_bench_parsers(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: train throughput, inference latency, start-up, time to accuracy, to an export")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -222,9 +228,7 @@ def add_bench_parsers(sub) -> None:
     k.add_argument("--steps", type=int, default=100, help="global batches per epoch; the second of 2 epochs is timed")
     k.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to measure")
     k.add_argument("--rounds", type=int, default=1, help="measure every setup this many times, round-robin; report medians")
-    k.add_argument("--peer-python", default=None, metavar="PYTHON",
-                   help="the Python of a venv made from scripts/lock/bench-peer-*.txt: also run Ray's TensorflowTrainer "
-                        "example and TF_CONFIG with tf_keras (docs/benchmarks.md#the-peers)")
+    add_peer_argument(k, "Ray's TensorflowTrainer example and TF_CONFIG with tf_keras")
     k.add_argument("--json", default=None, help="also write the figures here")
     k.set_defaults(func=cmd_bench)
 
@@ -240,23 +244,20 @@ def add_bench_parsers(sub) -> None:
     k = kinds.add_parser("startup", help="seconds outside training of `train --epochs 1`, against Ray Train's own floor")
     k.add_argument("--workers", type=int, default=2)
     k.add_argument("--train-limit", type=int, default=None, help="train on the first N images (default: all)")
-    k.add_argument("--peer-python", default=None, metavar="PYTHON",
-                   help="also time Ray's TensorflowTrainer example with tf_keras for one epoch (docs/benchmarks.md#the-peers)")
+    add_peer_argument(k, "Ray's TensorflowTrainer example with tf_keras, for one epoch")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 
     k = kinds.add_parser("pipeline", help="wall seconds to a checked ONNX model: mnist-dist pipeline vs the peer's train-then-tf2onnx")
     add_train_arguments(k)
-    k.add_argument("--peer-python", default=None, metavar="PYTHON",
-                   help="also Ray's TensorflowTrainer example with tf_keras, then tf2onnx (docs/benchmarks.md#the-peers)")
+    add_peer_argument(k, "Ray's TensorflowTrainer example with tf_keras, then tf2onnx")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 
     k = kinds.add_parser("tta", help="training seconds until the test accuracy first reaches --target")
     add_train_arguments(k)
     k.add_argument("--target", type=float, default=0.99, help="test accuracy to reach (default 0.99)")
-    k.add_argument("--peer-python", default=None, metavar="PYTHON",
-                   help="also Ray's TensorflowTrainer example with tf_keras, the same recipe (docs/benchmarks.md#the-peers)")
+    add_peer_argument(k, "Ray's TensorflowTrainer example with tf_keras, on the same recipe")
     k.add_argument("--json", default=None)
     k.set_defaults(func=cmd_bench)
 

@@ -34,7 +34,7 @@ def worker_env() -> dict[str, str]:
     job's driver may not set a runtime_env of its own (the job's applies), and this works alike
     on the embedded Ray, a cluster and in a job. Not MNIST_DATA_DIR: the driver settles that
     into the config as an absolute path (data.settle_dir)."""
-    passed = {k: v for k, v in os.environ.items() if k in ("MNIST_DIST_CACHE", PID_DIR_ENV)}
+    passed = {k: v for k, v in os.environ.items() if k in ("MNIST_DIST_CACHE", PID_DIR_ENV, spot.STEP_FLOOR_ENV)}
     return {**passed, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
 

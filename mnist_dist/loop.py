@@ -171,6 +171,7 @@ class Trainer:
         self.next_chunk = distributed_chunks(strategy, self.data, config, self.start_epoch, self.global_batch,
                                              config.epochs - self.start_epoch, self.skip_steps)
         self.watch = spot.Watch(config, session, self.global_step())
+        self.step_floor = spot.step_floor()
         self.say(self.clock.line("tracing and compiling the train step: the first call takes longest ..."))
 
     # -- an epoch --------------------------------------------------------------------
@@ -189,7 +190,10 @@ class Trainer:
         # Exactly steps_per_epoch batches per epoch, the same on every worker, so the loop
         # never needs the distributed iterator's cross-worker end-of-data check.
         for steps in step.steps_per_call(at, end, config.eval_every, config.steps_per_execution, self.watch.boundaries()):
+            call_start = time.perf_counter()
             total, loss, error = self.train_step(self.next_chunk(steps), steps)
+            if self.step_floor:
+                time.sleep(max(0.0, call_start + steps * self.step_floor - time.perf_counter()))
             losses.append(total)
             interval_steps += steps
             at += steps  # counted here: reading optimizer.iterations back would wait on the device

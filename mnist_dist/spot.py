@@ -13,12 +13,14 @@ Rank 0 keeps `progress.json` in the run: how far the group got, and the group's 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from mnist_dist import compat
 from mnist_dist.config import TrainConfig
 from mnist_dist.store import Location, StorageError
 
@@ -28,6 +30,13 @@ PROGRESS_EVERY_S = 1.0  # how often rank 0 records its step: what a hard kill ma
 # A group that stopped for a notice or a resize and was not torn down after this long past the
 # deadline (a drain cancelled, no resize after all) trains on.
 WAIT_MARGIN_S = 30.0
+# Test hook: the least wall seconds a training step takes, so that a test's phases, which are
+# timed in wall seconds (a notice, a node joining), hold about as many steps on any CPU.
+STEP_FLOOR_ENV = "MNIST_DIST_STEP_FLOOR_S"
+
+
+def step_floor() -> float:
+    return float(os.environ.get(STEP_FLOOR_ENV) or 0.0)
 
 
 def new_command_id() -> str:
@@ -113,10 +122,11 @@ class Watch:
         now = time.monotonic()
         skip = max(0, round(CHECK_EVERY_S / max(per_call, 1e-3)) - 1)
         if self.notice is not None:
-            # Twice what may come before the next check (calls, an epoch's end) and a checkpoint.
+            # Twice what may come before the next check (calls, an epoch's end) and a checkpoint,
+            # and two polls of Ray Train's controller, which takes in the report at its next poll.
             left = self.notice - time.time()
-            return {"last": left <= 2 * (self.between_checks + self.epoch_end + self.longest_checkpoint) + 1.0,
-                    "skip": skip}
+            margin = 2 * (self.between_checks + self.epoch_end + self.longest_checkpoint + compat.ray_train_poll_s()) + 1.0
+            return {"last": left <= margin, "skip": skip}
         periodic = self.every_seconds and now - self.last_time >= self.every_seconds
         grow = False
         if self.config.elastic and now >= self.quiet_until and now - self.checked_capacity >= 1.0:

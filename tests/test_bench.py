@@ -15,6 +15,7 @@ from conftest import ROOT, run_cli
 from mnist_dist.bench.peers import PeerFailed, _run_workers
 from mnist_dist.bench.train import summarize
 from mnist_dist.bench.tta import first_reaching
+from mnist_dist.config import TrainConfig
 
 PEER_LOCK = ROOT / "scripts" / "lock" / f"bench-peer-{platform.machine()}.txt"
 
@@ -208,18 +209,33 @@ def test_bench_pipeline_times_the_pipeline_and_the_peers_train_then_convert(tmp_
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
-def test_bench_startup_compares_a_run_with_ray_trains_floor_and_the_peer(tmp_path, peer_python):
+def test_bench_startup_compares_a_run_with_ray_trains_floor(tmp_path):
     out = tmp_path / "startup.json"
-    proc = run_cli("bench", "startup", "--workers", "1", "--train-limit", "1024", "--peer-python", peer_python, "--json", out)
+    proc = run_cli("bench", "startup", "--workers", "1", "--train-limit", "1024", "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["ray_floor_seconds"] > 0 and figures["train_wall_seconds"] > figures["train_seconds"] > 0
-    assert figures["workers"] == 1 and figures["train_limit"] == 1024
+    assert figures["workers"] == 1 and figures["train_limit"] == 1024 and figures["peer"] is None
     assert "ray train, function that only reports" in proc.stdout and "mnist-dist train --epochs 1" in proc.stdout
-    peer = figures["peer"]  # one epoch of the same 1,024 images at train's global batch (1 x 128): 8 steps
-    assert_a_peer_run(peer, steps=8, global_batch=128, epochs=1, params=1_663_370)
-    assert peer["checkpoint"]
-    assert f"{figures['startup_overhead_seconds'] / peer['startup_overhead_seconds']:.2f}x its seconds outside training" in proc.stdout
+
+
+def test_bench_startup_asks_the_ray_peer_for_one_epoch_of_what_train_trains(monkeypatch):
+    """The peer's row: Ray's TensorflowTrainer example (run for real by the bench train test,
+    through the same peers.measure) for one epoch of train's model, images and global batch."""
+    from mnist_dist.bench import peers, startup
+
+    asked = []
+    monkeypatch.setattr(startup, "_timed", lambda command: 30.0)
+    monkeypatch.setattr(startup, "_train_seconds", lambda storage: 10.0)
+    monkeypatch.setattr(peers, "measure", lambda python, mode, config, epochs: asked.append((python, mode, config, epochs)) or {
+        "wall_seconds": 90.0, "train_seconds": 30.0, "startup_overhead_seconds": 60.0})
+    lines = []
+    figures = startup.run(workers=1, train_limit=1024, peer_python="PEER/bin/python", log=lines.append)
+    (python, mode, config, epochs), = asked
+    assert (python, mode, epochs, config.workers, config.train_limit) == ("PEER/bin/python", "ray", 1, 1, 1024)
+    assert (config.model, config.global_batch_size) == (TrainConfig().model, TrainConfig(workers=1).global_batch_size)
+    assert figures["startup_overhead_seconds"] == 20.0 and figures["peer"]["startup_overhead_seconds"] == 60.0
+    assert "mnist-dist train against the peer: 0.33x its seconds outside training" in lines
 
 
 def test_bench_startup_refuses_zero_workers():

@@ -143,6 +143,8 @@ def test_ray_trains_default_preemption_deadline_is_the_one_the_workers_wait_for(
 
     assert constants.DEFAULT_PREEMPTION_DEADLINE_S == compat.RAY_PREEMPTION_DEFAULT_DEADLINE_S
     assert constants.DEFAULT_PREEMPTION_POLL_INTERVAL_S == compat.RAY_PREEMPTION_POLL_S
+    assert constants.DEFAULT_HEALTH_CHECK_INTERVAL_S == compat.RAY_TRAIN_POLL_S
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == compat.RAY_TRAIN_POLL_ENV
 
 
 def test_each_workers_port_stays_its_own_until_tensorflow_takes_it():

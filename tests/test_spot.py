@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mnist_dist import spot
+from mnist_dist import compat, spot
 from mnist_dist.config import TrainConfig
 from mnist_dist.store import Location
 
@@ -48,6 +48,7 @@ def test_fast_calls_are_checked_about_once_a_second_and_step_checkpoints_still_l
 
 def test_a_notice_checkpoints_at_once_trains_on_and_checkpoints_again_just_before_the_deadline(monkeypatch):
     monkeypatch.setattr(spot, "CHECK_EVERY_S", 0.2)  # a check every other call of 0.1 s
+    monkeypatch.setenv(compat.RAY_TRAIN_POLL_ENV, "0.2")  # as on the embedded Ray (compat.LOCAL_RAY_TRAIN_ENV)
     session = Session()
     watch = spot.Watch(TrainConfig(checkpoint_every="0"), session, start_step=0)
     time.sleep(0.1)
@@ -65,6 +66,21 @@ def test_a_notice_checkpoints_at_once_trains_on_and_checkpoints_again_just_befor
     notice = next(i for i, d in enumerate(decisions) if d.checkpoint)
     assert notice <= 1 and len(decisions) - notice > 2  # told within a check; trained on through the notice
     assert decisions[-1].deadline >= session.deadline
+
+
+@pytest.mark.parametrize("poll, trains_on", [(None, False), ("0.2", True)])
+def test_the_last_checkpoint_leaves_ray_trains_controller_two_polls_to_take_it_in(monkeypatch, poll, trains_on):
+    """Ray Train takes in a report at its controller's next poll (2 s by default) and stops the
+    group at the deadline: a checkpoint reported later is lost, and its steps trained again."""
+    monkeypatch.setattr(spot, "CHECK_EVERY_S", 0.0)
+    if poll:
+        monkeypatch.setenv(compat.RAY_TRAIN_POLL_ENV, poll)
+    else:
+        monkeypatch.delenv(compat.RAY_TRAIN_POLL_ENV, raising=False)
+    watch = spot.Watch(TrainConfig(checkpoint_every="0"), Session(deadline=time.time() + 4.5), start_step=0)
+    assert watch.at_boundary(10).stop == "notice"
+    watch.checkpointed(10, 0.01)
+    assert (watch.at_boundary(20).stop is None) is trains_on
 
 
 def test_growth_is_proposed_only_for_an_elastic_group_below_its_max_with_room_for_a_worker():

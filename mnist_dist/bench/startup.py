@@ -54,6 +54,10 @@ def _timed(command: list[str]) -> float:
     return wall
 
 
+def _train_seconds(run: Path) -> float:
+    return json.loads((run / "result.json").read_text())["train_seconds"]
+
+
 def run(workers: int = 2, train_limit: int | None = None, json_path: str | None = None, peer_python: str | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     machine = header(log)
@@ -69,7 +73,7 @@ def run(workers: int = 2, train_limit: int | None = None, json_path: str | None 
         if train_limit:
             command += ["--train-limit", str(train_limit)]
         wall = _timed(command)
-        train_seconds = json.loads((Path(storage) / "startup" / "result.json").read_text())["train_seconds"]
+        train_seconds = _train_seconds(Path(storage) / "startup")
     outside = wall - train_seconds
     rows = [["ray train, function that only reports", f"{floor:.1f}", "", f"{floor:.1f}", "1.00x"],
             ["mnist-dist train --epochs 1", f"{wall:.1f}", f"{train_seconds:.1f}", f"{outside:.1f}", f"{outside / floor:.2f}x"]]

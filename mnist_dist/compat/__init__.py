@@ -135,6 +135,14 @@ def autoscaler_watches(gcs_address: str) -> bool:
 # wait that long after their just-in-time checkpoint (mnist_dist.spot).
 RAY_PREEMPTION_DEFAULT_DEADLINE_S = 120.0
 RAY_PREEMPTION_POLL_S = 5.0  # its PreemptionWatcher's poll (DEFAULT_PREEMPTION_POLL_INTERVAL_S)
+# Ray Train's controller takes in a worker's report at its next poll of the group, this often
+# (DEFAULT_HEALTH_CHECK_INTERVAL_S, or the variable, as its controller reads it).
+RAY_TRAIN_POLL_S = 2.0
+RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def ray_train_poll_s() -> float:
+    return float(os.environ.get(RAY_TRAIN_POLL_ENV) or RAY_TRAIN_POLL_S)
 # Without the dashboard there is no State API for Ray Train's state actor to poll.
 NO_DASHBOARD_ENV = {"RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0"}
 # Ray 2.60 has no bind-address option. Its single-node mode, read once when `ray` is

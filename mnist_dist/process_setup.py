@@ -213,8 +213,9 @@ def quiet_worker_logs(run) -> None:
 class StorageFaultFilter:
     """A logging filter for Ray Train's worker logger: the traceback of a training function
     stopped because the run's storage failed is left out, since the driver says it in one
-    line (rundir.storage_failed); any other error's traceback stays. Ray logs it while
-    handling the exception, so the exception is sys.exc_info()'s."""
+    line (rundir.storage_failed), and so is another worker's, stopped in ray.train.report's
+    barrier when Ray Train tore the group down for that failure; any other error's traceback
+    stays. Ray logs it while handling the exception, so the exception is sys.exc_info()'s."""
 
     def __init__(self, run):
         self.run = run
@@ -222,5 +223,6 @@ class StorageFaultFilter:
     def filter(self, record) -> bool:
         from mnist_dist.rundir import is_storage_fault
 
+        error = sys.exc_info()[1]
         return not (record.getMessage().startswith(compat.TRAIN_FN_ERROR_MESSAGE)
-                    and is_storage_fault(sys.exc_info()[1], self.run))
+                    and (is_storage_fault(error, self.run) or compat.stopped_in_report_barrier(error)))

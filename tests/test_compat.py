@@ -137,6 +137,23 @@ def test_the_worker_filter_drops_only_the_traceback_of_its_runs_storage_fault(tm
     assert not filtered(ValueError("a bug")) and not filtered(KeyError("another"))
     assert not filtered(OSError(30, "Read-only file system", str(run / "x")), message="another error")
 
+    # Another worker, waiting in ray.train.report's barrier when Ray Train tore the group down
+    # for that fault; the barrier actor's death for any other reason is not a storage fault's.
+    from ray.exceptions import ActorDiedError
+
+    torn_down = ActorDiedError()
+    torn_down.error_msg = f"The actor died unexpectedly before finishing this task.\n\tclass_name: {compat.TRAIN_BARRIER_ACTOR}"
+    assert "SynchronizationActor" in str(torn_down) and filtered(torn_down)
+    other = ActorDiedError()
+    other.error_msg = "The actor died unexpectedly before finishing this task.\n\tclass_name: SomeoneElsesActor"
+    assert not filtered(other)
+
+
+def test_ray_trains_report_barrier_is_the_actor_the_worker_filter_names():
+    from ray.train.v2._internal.execution.checkpoint import sync_actor
+
+    assert sync_actor.SynchronizationActor.__ray_actor_class__.__name__ == compat.TRAIN_BARRIER_ACTOR
+
 
 def test_ray_trains_default_preemption_deadline_is_the_one_the_workers_wait_for():
     from ray.train.v2._internal import constants
@@ -195,3 +212,4 @@ def test_ray_still_tells_whether_an_autoscaler_watches_the_cluster_as_ray_status
     from ray.autoscaler._private.autoscaler import AutoscalerSummary
 
     assert "node_type_mapping" in {f.name for f in __import__("dataclasses").fields(AutoscalerSummary)}
+

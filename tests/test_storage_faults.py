@@ -30,7 +30,7 @@ def assert_stopped_in_one_line(proc, location: str, reason: str) -> str:
     traced = [line for line in out.splitlines() if not line.startswith("error: ") and any(
         name in line for name in ("Error in training function", "OSError", "StorageError", "TrainingFailedError",
                                   "WorkerGroupError", "ControllerError"))]
-    assert not traced, "\n".join(traced[:10])
+    assert not traced, "\n".join(traced[:10]) + "\n" + out[-4000:]
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert line.startswith(f"error: {location}") and "the run's storage failed while training" in line, line
     assert reason in line and "Fix: " in line and "run the same command again to resume" in line, line

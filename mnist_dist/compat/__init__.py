@@ -158,6 +158,18 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 # under this message; the driver gets the same exception in WorkerGroupError.worker_failures.
 TRAIN_FN_ERROR_LOGGER = "ray.train.v2._internal.util"
 TRAIN_FN_ERROR_MESSAGE = "Error in training function"
+# The actor behind ray.train.report's barrier (ray.train.v2._internal.execution.checkpoint.
+# sync_actor). Ray Train kills it when it tears a group down for one worker's failure, and a
+# worker waiting in the barrier then fails with ActorDiedError naming it: a consequence, not a cause.
+TRAIN_BARRIER_ACTOR = "SynchronizationActor"
+
+
+def stopped_in_report_barrier(error: BaseException | None) -> bool:
+    """Whether a worker failed only because Ray Train tore its group down while it waited in
+    ray.train.report's barrier (another worker's failure, which the driver reports)."""
+    import ray.exceptions
+
+    return isinstance(error, ray.exceptions.ActorDiedError) and TRAIN_BARRIER_ACTOR in str(error)
 
 
 def report_logger_name() -> str | None:

@@ -23,11 +23,13 @@ PEER_LOCK = ROOT / "scripts" / "lock" / f"bench-peer-{platform.machine()}.txt"
 @pytest.fixture(scope="session")
 def peer_python() -> str:
     """The bench peers' venv, made from their lock as docs/benchmarks.md says, and kept in the
-    user's cache by the lock's hash. A partial one is never taken for a made one."""
+    user's cache by the lock's hash. A partial one is never taken for a made one. Compiled to
+    bytecode, as pip installs: a process that compiles TensorFlow from source (where
+    PYTHONDONTWRITEBYTECODE is set) starts some 2x slower, and the peer's start-up with it."""
     import uv
 
     home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-dist" / (
-        "bench-peer-" + hashlib.sha256(PEER_LOCK.read_bytes()).hexdigest()[:12])
+        "bench-peer-" + hashlib.sha256(PEER_LOCK.read_bytes() + b"compiled").hexdigest()[:12])
     if not (home / "ready").exists():
         partial = home.with_name(f"{home.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
@@ -35,7 +37,7 @@ def peer_python() -> str:
         # Installed where it runs: a venv's scripts name their own path.
         shutil.rmtree(home, ignore_errors=True)
         partial.rename(home)
-        subprocess.run([uv.find_uv_bin(), "pip", "install", "-q", "--python", str(home / "bin" / "python"),
+        subprocess.run([uv.find_uv_bin(), "pip", "install", "-q", "--compile-bytecode", "--python", str(home / "bin" / "python"),
                         "--require-hashes", "-r", str(PEER_LOCK)], check=True, timeout=900)
         check = subprocess.run([uv.find_uv_bin(), "pip", "check", "--python", str(home / "bin" / "python")],
                                capture_output=True, text=True)

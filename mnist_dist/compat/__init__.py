@@ -143,6 +143,8 @@ RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 def ray_train_poll_s() -> float:
     return float(os.environ.get(RAY_TRAIN_POLL_ENV) or RAY_TRAIN_POLL_S)
+
+
 # Without the dashboard there is no State API for Ray Train's state actor to poll.
 NO_DASHBOARD_ENV = {"RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0"}
 # Ray 2.60 has no bind-address option. Its single-node mode, read once when `ray` is

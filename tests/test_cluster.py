@@ -15,9 +15,6 @@ import yaml
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-# A node killed here is seen dead in about 3 s, not Ray's default 15 s (5 failed checks 3 s
-# apart): the tests wait for that, not for what follows. A slow node still has 10 s a check.
-FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 @pytest.fixture
@@ -32,8 +29,7 @@ def cluster(tmp_path, monkeypatch):
     # The head has no CPU: every training worker must run on a worker node.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
-        "dashboard_agent_listen_port": free_port(),  # not the default 52365, which another Ray may hold
-        "_system_config": FAST_NODE_DEATH})
+        "dashboard_agent_listen_port": free_port()})  # not the default 52365, which another Ray may hold
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     try:
         yield cluster, workers, f"http://127.0.0.1:{dashboard}"
@@ -133,7 +129,7 @@ def spot_cluster(tmp_path, monkeypatch):
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-        "dashboard_agent_listen_port": free_port(), "_system_config": FAST_NODE_DEATH})
+        "dashboard_agent_listen_port": free_port()})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     session = cluster.head_node.get_session_dir_path()
     try:

@@ -146,9 +146,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from mnist_dist import pipeline
 
-    report = pipeline.run(config_from_args(args), export_options(args), export_dir=args.export_dir,
+    config = config_from_args(args)
+    if args.from_tune:  # the sweep's best trial, as it trained: nothing to train, then its export
+        from mnist_dist import sweep
+
+        config = sweep.best_config(config.storage, args.from_tune)
+    report = pipeline.run(config, export_options(args), export_dir=args.export_dir,
                           in_process=args.in_process, clock=Clock(STARTED))
     return 0 if report["verified"] else 1
+
+
+# ---------------------------------------------------------------- tune
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mnist_dist import sweep
+    from mnist_dist.config import ConfigError
+
+    if args.in_process:
+        raise ConfigError("tune runs its trials on Ray; --in-process does not apply. Fix: leave it out")
+    base = config_from_args(args)
+    names = {flag.lstrip("-"): field for flag, (field, _k, _h) in TRAIN_OPTIONS.items()} | {"augment": "augment"}
+    kinds = {field: kind for _flag, (field, kind, _h) in TRAIN_OPTIONS.items()} | {"augment": bool}
+    text = None
+    if args.space_file:
+        try:
+            with open(args.space_file) as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"--space-file {args.space_file}: {exc.strerror}. Fix: the path of a YAML file of the space") from None
+    for flag, value, least in (("--samples", args.samples, 1), ("--grace-epochs", args.grace_epochs, 1),
+                               ("--max-concurrent", args.max_concurrent or 1, 1)):
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if args.grace_epochs > base.epochs:
+        raise ConfigError(f"--grace-epochs {args.grace_epochs} is more than --epochs {base.epochs}. Fix: at most --epochs")
+    spec = sweep.Sweep(sweep.parse_space(args.space or [], text, names, kinds, base.validate()), samples=args.samples,
+                       grace_epochs=args.grace_epochs, max_concurrent=args.max_concurrent)
+    record = sweep.run(base, spec)
+    return 0 if record.get("best") else 1
 
 
 # ---------------------------------------------------------------- report / baseline
@@ -285,9 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="train, then export (the Ray job / RayJob entrypoint)")
     add_train_arguments(p)
+    p.add_argument("--from-tune", default=None, metavar="SWEEP",
+                   help="export the best trial of the sweep --storage/SWEEP (mnist-dist tune) instead of training a run")
     p.add_argument("--export-dir", default=None, help="default RUN_DIR/export")
     add_export_arguments(p)
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("tune", help="a Ray Tune sweep (ASHA) over train options, each trial a Ray Train run")
+    add_train_arguments(p)
+    p.add_argument("--space", action="append", metavar="KEY=VALUES",
+                   help="an option to vary: lr=0.01,0.05 (each tried) or lr=loguniform:0.001:0.1 (sampled); repeat")
+    p.add_argument("--space-file", default=None, metavar="YAML", help="the space as YAML: {lr: [0.01, 0.05], l2: {loguniform: [1e-5, 1e-3]}}")
+    p.add_argument("--samples", type=int, default=1, help="Tune's num_samples: each point of the grid this many times")
+    p.add_argument("--grace-epochs", type=int, default=1, help="ASHA ends no trial before this many epochs (default 1)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: as many as the cluster's CPUs hold)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="plots, prediction grid, confusion matrix and report.md of a finished run")
     p.add_argument("--run", required=True, help="run directory")

@@ -135,7 +135,8 @@ def stop_ray() -> None:
     """
     import ray
 
-    if ray.is_initialized():
+    # Not from inside an actor (a sweep's trial): that Ray is the one the actor runs in.
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is None:
         ray.shutdown()
 
 
@@ -204,8 +205,9 @@ def keep_ray_on_loopback(config: TrainConfig) -> None:
         compat.set_default_env(compat.LOOPBACK_ENV)
 
 
-def fit(config: TrainConfig, log=print, clock: Clock | None = None) -> dict[str, Any]:
-    """Train a settled, locked and claimed run (mnist_dist.training) on Ray; returns the content of result.json."""
+def fit(config: TrainConfig, log=print, clock: Clock | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+    """Train a settled, locked and claimed run (mnist_dist.training) on Ray; returns the content of
+    result.json. `callbacks`: Ray Train callbacks of the caller's (a sweep's trial reports to Tune)."""
     clock = clock or Clock()
     # The run's first line, before `import ray`, which alone takes a second or two.
     address = ray_address(config)
@@ -253,6 +255,7 @@ def fit(config: TrainConfig, log=print, clock: Clock | None = None) -> dict[str,
             # Ray Train's INFO lines (resources requested, worker group started) are not the
             # user's business on a healthy run; its warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
     )
     from mnist_dist import process_setup

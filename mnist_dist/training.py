@@ -14,9 +14,10 @@ from mnist_dist.config import TrainConfig
 from mnist_dist.progress import Clock
 
 
-def run(config: TrainConfig, in_process: bool = False, log=print, clock: Clock | None = None) -> dict[str, Any]:
+def run(config: TrainConfig, in_process: bool = False, log=print, clock: Clock | None = None,
+        callbacks: tuple = ()) -> dict[str, Any]:
     """Trains to `config.epochs` and returns the content of result.json. `clock`: when the
-    command started, for the start-up lines (default: now)."""
+    command started, for the start-up lines (default: now); `callbacks`: Ray Train's, on Ray."""
     clock = clock or Clock()
     config = rundir.settle(config.replace(workers=1) if in_process else config)
     with rundir.locked(rundir.run_dir(config), "train --in-process" if in_process else "train"):
@@ -26,7 +27,7 @@ def run(config: TrainConfig, in_process: bool = False, log=print, clock: Clock |
             return _train_in_process(config, log, clock)
         from mnist_dist.launcher import fit, stop_ray
         try:
-            return fit(config, log, clock)
+            return fit(config, log, clock, callbacks)
         finally:
             stop_ray()
 

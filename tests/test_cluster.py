@@ -279,3 +279,35 @@ def test_a_run_that_waits_for_room_says_what_it_waits_for_and_starts_when_there_
     text = "".join(lines)
     assert text.index("asking Ray for 2 worker(s) x 1 CPU") < text.index(wanted) < text.index("[rank 0]")
     assert json.loads((tmp_path / "runs" / "waits" / "result.json").read_text())["epochs_completed"] == 1
+
+
+def test_a_sweep_on_the_cluster_whose_driver_is_killed_resumes_and_finishes(cluster, tmp_path, mnist_dir):
+    """`mnist-dist tune --address` on the two worker nodes: one trial per node at a time; the
+    driver killed once a trial has checkpointed, then the same command finishes the sweep,
+    each unfinished trial resuming its own run."""
+    cluster, _workers, _dashboard = cluster
+    storage = tmp_path / "sweeps"
+    args = [sys.executable, "-m", "mnist_dist.cli", "tune", "--preset", "smoke", "--address", cluster.address,
+            "--workers", "1", "--epochs", "3", "--train-limit", "2048", "--val-size", "500", "--eval-every", "16",
+            "--storage", str(storage), "--name", "s", "--space", "lr=0.05,0.0005", "--space", "seed=0,1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MNIST_DATA_DIR": str(mnist_dir)}
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_for(lambda: driver.poll() is None and any(storage.glob("s/trial-*/checkpoint_epoch001")),
+                 "a trial's first checkpoint", 300, lambda: (tmp_path / "first.log").read_text())
+        driver.kill()  # SIGKILL: Ray ends the driver's job, its trials and their runs
+        driver.wait(timeout=60)
+    finally:
+        log.close()
+    assert json.loads((storage / "s" / "tune.json").read_text())["status"] == "running"
+    again = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-5000:]
+    assert "resuming the sweep from" in out and "resumed from checkpoint_epoch" in out, out[-5000:]
+    record = json.loads((storage / "s" / "tune.json").read_text())
+    assert record["status"] == "finished" and len(record["trials"]) == 4, record
+    assert all(t["status"] in ("finished", "stopped early") for t in record["trials"]), record["trials"]
+    assert record["best"]["params"]["learning_rate"] == 0.05 and record["best"]["epochs"] == 3
+    best = json.loads((storage / "s" / record["best"]["name"] / "result.json").read_text())
+    assert [h["epoch"] for h in best["history"]] == [1, 2, 3]

@@ -81,6 +81,21 @@ def data_parallel_trainer():
     return DataParallelTrainer
 
 
+def tune_epoch_reports():
+    """Ray Train V2's bridge from a run to the Ray Tune trial that started it: the callback
+    Ray's Train-with-Tune guide uses (ray.tune.integration.ray_train.TuneReportCallback, a
+    DeveloperAPI), passing on epoch reports only. A step checkpoint's report carries
+    val_accuracy -1 (mnist_dist.loop), which ASHA would take for a result."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("kind") != "step":
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReports()
+
+
 # Ray Train reads these when its controller starts; they have no public setting.
 LOCAL_RAY_TRAIN_ENV = {
     # The preemption watcher is one more actor on every run, and logs an error line at

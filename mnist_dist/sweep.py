@@ -250,7 +250,10 @@ def _tune(base: TrainConfig, sweep: Sweep, folder: Location, log) -> dict[str, A
     # trial's actor (and with it the run's workers): by default 10 minutes later, holding the
     # CPUs the next trials wait for. Tune's documented setting, read when the sweep starts.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "5")
-    init_ray(base, log)
+    # Ray Train's placement-group cleaner frees a killed run's workers' CPUs only where the
+    # State API answers, which the dashboard serves (compat.NO_DASHBOARD_ENV): the embedded
+    # Ray of a sweep starts it.
+    init_ray(base.replace(dashboard=True), log)
     import ray
 
     try:

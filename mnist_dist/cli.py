@@ -93,8 +93,28 @@ def config_from_args(args: argparse.Namespace):
     return preset(args.preset, **overrides)
 
 
+def add_mlflow_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mlflow", default=None, metavar="URI",
+                        help="log to this MLflow tracking server (default: $MLFLOW_TRACKING_URI; docs/registry.md)")
+    parser.add_argument("--mlflow-model", default="mnist", metavar="NAME",
+                        help="the registered model a verified export becomes a version of (default mnist)")
+
+
+def tracker(args: argparse.Namespace):
+    """The MLflow tracker of --mlflow or $MLFLOW_TRACKING_URI, checked before any training; or None."""
+    from mnist_dist import tracking
+
+    uri = tracking.tracking_uri(getattr(args, "mlflow", None))
+    return tracking.Tracker(uri, getattr(args, "mlflow_model", "mnist")) if uri else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    mlflow = tracker(args)
     result = training.run(config_from_args(args), in_process=args.in_process, clock=Clock(STARTED))
+    if mlflow:
+        from mnist_dist.store import Location
+
+        mlflow.record(Location.of(result["run_dir"]))
     print(json.dumps({k: result[k] for k in ("best_epoch", "best_val_accuracy", "test_accuracy", "best_checkpoint")}))
     return 0
 
@@ -132,6 +152,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from mnist_dist.store import Location
 
+    if args.model.startswith("models:/"):  # a registered version, from MLflow's registry
+        import tempfile
+
+        mlflow = tracker(args)
+        if mlflow is None:
+            from mnist_dist.config import ConfigError
+            raise ConfigError(f"--model {args.model} is in an MLflow registry, and no server is named. "
+                              "Fix: --mlflow URI, or set MLFLOW_TRACKING_URI")
+        with tempfile.TemporaryDirectory() as scratch:
+            return run(argparse.Namespace(**{**vars(args), "model": str(mlflow.fetch(args.model, Path(scratch)))}))
     model = Location.of(args.model)
     with contextlib.ExitStack() as stack:
         try:
@@ -151,8 +181,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         from mnist_dist import sweep
 
         config = sweep.best_config(config.storage, args.from_tune)
+    mlflow = tracker(args)
+    if mlflow:  # named now (a run without --name gets the time), so that the record finds it after
+        from mnist_dist import rundir
+
+        config = rundir.settle(config)
     report = pipeline.run(config, export_options(args), export_dir=args.export_dir,
                           in_process=args.in_process, clock=Clock(STARTED))
+    if mlflow:
+        from mnist_dist.store import Location
+
+        run = rundir.run_dir(config)
+        mlflow.record(run)
+        mlflow.register(run, Location.of(args.export_dir) if args.export_dir else run / "export", report)
     return 0 if report["verified"] else 1
 
 
@@ -181,7 +222,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--grace-epochs {args.grace_epochs} is more than --epochs {base.epochs}. Fix: at most --epochs")
     spec = sweep.Sweep(sweep.parse_space(args.space or [], text, names, kinds, base.validate()), samples=args.samples,
                        grace_epochs=args.grace_epochs, max_concurrent=args.max_concurrent)
+    mlflow = tracker(args)
+    if mlflow:  # named now (a sweep without --name gets the time), so that the record finds it after
+        from mnist_dist import rundir
+
+        base = rundir.settle(base)
     record = sweep.run(base, spec)
+    if mlflow:
+        from mnist_dist.store import Location
+
+        mlflow.record_sweep(Location.of(base.storage) / base.name, record)
     return 0 if record.get("best") else 1
 
 
@@ -307,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on Ray Train workers (or --in-process)")
     add_train_arguments(p)
+    add_mlflow_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="best checkpoint -> verified model.onnx + model.int8.onnx")
@@ -323,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the best trial of the sweep --storage/SWEEP (mnist-dist tune) instead of training a run")
     p.add_argument("--export-dir", default=None, help="default RUN_DIR/export")
     add_export_arguments(p)
+    add_mlflow_arguments(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("tune", help="a Ray Tune sweep (ASHA) over train options, each trial a Ray Train run")
@@ -334,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-epochs", type=int, default=1, help="ASHA ends no trial before this many epochs (default 1)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: as many as the cluster's CPUs hold)")
+    add_mlflow_arguments(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="plots, prediction grid, confusion matrix and report.md of a finished run")
@@ -357,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mnist_edge.cli import add_arguments
     p = add_arguments(sub.add_parser("predict", help="classify PNG/JPEG/.npy/IDX inputs with an exported model"))
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help="the MLflow server of a --model models:/NAME/VERSION (default: $MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_predict)
 
     from mnist_dist import web_demo

@@ -26,8 +26,10 @@ PYTHON = "3.11"
 # which Debian 10+, Ubuntu 20.04+ and the Ray images have).
 MACHINES = {"x86_64": "x86_64-manylinux_2_28", "aarch64": "aarch64-manylinux_2_28"}
 # dev first: the others are resolved within it. bench-peer is a venv of its own (the peers of
-# `mnist-dist bench`); within dev too, so what both hold is the same files.
-EXTRAS = ("dev", "train", "train-gpu", "edge", "bench-peer")
+# `mnist-dist bench`); within dev too, so what both hold is the same files. mlflow-server is
+# the tests' MLflow server, a venv of its own that cannot be within dev (pyarrow).
+EXTRAS = ("dev", "train", "train-gpu", "edge", "bench-peer", "mlflow-server")
+STANDALONE = ("dev", "mlflow-server")
 HEADER = "# pyproject-sha256: "
 
 
@@ -78,7 +80,7 @@ def main() -> int:
                 # refresh for one new extra does not move every other pin.
                 if lock_path(extra, machine).exists():
                     shutil.copy(lock_path(extra, machine), out)
-                compile_lock(uv, extra, machine, out, within=None if extra == "dev" else dev)
+                compile_lock(uv, extra, machine, out, within=None if extra in STANDALONE else dev)
                 made.append(out)
         LOCK_DIR.mkdir(exist_ok=True)
         for out in made:

@@ -1,17 +1,14 @@
 """Each benchmark once, in its smallest form: they run and report; no timing is asserted."""
-import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, tool_venv
 from mnist_dist.bench.peers import PeerFailed, _run_workers
 from mnist_dist.bench.train import summarize
 from mnist_dist.bench.tta import first_reaching
@@ -22,28 +19,8 @@ PEER_LOCK = ROOT / "scripts" / "lock" / f"bench-peer-{platform.machine()}.txt"
 
 @pytest.fixture(scope="session")
 def peer_python() -> str:
-    """The bench peers' venv, made from their lock as docs/benchmarks.md says, and kept in the
-    user's cache by the lock's hash. A partial one is never taken for a made one. Compiled to
-    bytecode, as pip installs: a process that compiles TensorFlow from source (where
-    PYTHONDONTWRITEBYTECODE is set) starts some 2x slower, and the peer's start-up with it."""
-    import uv
-
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-dist" / (
-        "bench-peer-" + hashlib.sha256(PEER_LOCK.read_bytes() + b"compiled").hexdigest()[:12])
-    if not (home / "ready").exists():
-        partial = home.with_name(f"{home.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run([uv.find_uv_bin(), "venv", "-q", "--python", sys.executable, str(partial)], check=True, timeout=300)
-        # Installed where it runs: a venv's scripts name their own path.
-        shutil.rmtree(home, ignore_errors=True)
-        partial.rename(home)
-        subprocess.run([uv.find_uv_bin(), "pip", "install", "-q", "--compile-bytecode", "--python", str(home / "bin" / "python"),
-                        "--require-hashes", "-r", str(PEER_LOCK)], check=True, timeout=900)
-        check = subprocess.run([uv.find_uv_bin(), "pip", "check", "--python", str(home / "bin" / "python")],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
-        (home / "ready").write_text(PEER_LOCK.read_text())
-    return str(home / "bin" / "python")
+    """The bench peers' venv, made from their lock as docs/benchmarks.md says (conftest.tool_venv)."""
+    return str(tool_venv(PEER_LOCK, "bench-peer") / "bin" / "python")
 
 
 def assert_a_peer_run(peer: dict, steps: int, global_batch: int, epochs: int, params: int) -> None:

@@ -1,0 +1,221 @@
+"""MLflow, optional (`--mlflow URI` or MLFLOW_TRACKING_URI; the `mlflow` extra): a run's
+record (its config as parameters, each epoch's metrics, the test score) and a verified
+export as a registered model version (docs/registry.md).
+
+The driver logs from the run's own files once a command has finished: workers need no route
+to the server, and what an MLflow outage costs is the record, never the training. A command
+run again adds only what is new: the run folder's mlflow.json remembers the MLflow run, the
+epochs logged and the versions registered.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.config import ConfigError
+from mnist_dist.errors import RunError
+from mnist_dist.store import Location
+
+EXPERIMENT = "mnist-dist"
+STATE = "mlflow.json"
+EPOCH_METRICS = ("val_accuracy", "val_loss", "train_loss", "learning_rate", "images_per_second", "epoch_train_seconds")
+# Ask the server once, quickly: MLflow's default is 7 retries with backoff, minutes for a typo.
+PREFLIGHT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def tracking_uri(flag: str | None) -> str | None:
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _one_line(method):
+    """An MLflow failure after the command's work is one line: the run and its export are whole,
+    and the same command run again logs what is missing."""
+    @functools.wraps(method)
+    def logged(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (ConfigError, RunError):
+            raise
+        except Exception as exc:
+            raise RunError(f"mlflow at {self.uri}: {_first_line(exc)}. The run and its export are whole. Fix: once the "
+                           "server answers, run the same command again to log what is missing") from None
+    return logged
+
+
+class Tracker:
+    """One MLflow tracking server (and its registry), checked reachable when made."""
+
+    def __init__(self, uri: str, model_name: str = "mnist", log=print):
+        try:
+            from mlflow import MlflowClient
+        except ImportError:
+            raise ConfigError("--mlflow needs the MLflow client, which is not installed. "
+                              "Fix: pip install \"mnist-dist[mlflow]\", or leave out --mlflow") from None
+        self.uri, self.model_name, self.log = uri, model_name, log
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with _env(PREFLIGHT_ENV):
+            try:
+                self.client.search_experiments(max_results=1)
+            except Exception as exc:  # whatever the store raises: a bad URI, a refused port, a 500
+                raise ConfigError(f"--mlflow {uri}: the MLflow tracking server does not answer ({_first_line(exc)}). "
+                                  "Fix: start it (mlflow server), or correct the URI") from None
+
+    # ------------------------------------------------------------ runs
+    def _state(self, folder: Location) -> dict[str, Any]:
+        path = folder / STATE
+        state = path.read_json() if path.exists() else None
+        # Another server's ids mean nothing here: a record starts afresh on this one.
+        return state if isinstance(state, dict) and state.get("tracking_uri") == self.uri else {"tracking_uri": self.uri}
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        return experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
+
+    def _open(self, state: dict[str, Any], name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """The MLflow run of `state`, or a new one with these parameters."""
+        from mlflow.entities import Param
+
+        if state.get("run_id"):
+            with contextlib.suppress(Exception):
+                if self.client.get_run(state["run_id"]).info.lifecycle_stage == "active":
+                    return state["run_id"]
+        run = self.client.create_run(self._experiment_id(), run_name=name, tags=tags)
+        state.update(run_id=run.info.run_id, epochs_logged=0, versions={})
+        # Parameters are fixed once logged: a later command's changed ones (more epochs) are in
+        # result.json, which is logged again as an artifact.
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        return run.info.run_id
+
+    @_one_line
+    def record(self, run: Location, parent: str | None = None) -> str:
+        """Logs the finished run at `run` (from its result.json); returns the MLflow run id."""
+        from mlflow.entities import Metric
+
+        result = (run / "result.json").read_json()
+        state = self._state(run)
+        tags = {"mnist_dist.run_dir": str(run), **({"mlflow.parentRunId": parent} if parent else {})}
+        run_id = self._open(state, run.name, result["config"], tags)
+        new = [h for h in result["history"] if h["epoch"] > state.get("epochs_logged", 0)]
+        metrics = [Metric(key, float(h[key]), int(h.get("finished_at", 0) * 1000), h["epoch"])
+                   for h in new for key in EPOCH_METRICS if isinstance(h.get(key), (int, float))]
+        last = result["epochs_completed"]
+        metrics += [Metric(key, float(result[key]), 0, last)
+                    for key in ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch") if result.get(key) is not None]
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        with tempfile.TemporaryDirectory() as scratch:
+            (Path(scratch) / "result.json").write_bytes((run / "result.json").read_bytes())
+            self.client.log_artifact(run_id, str(Path(scratch) / "result.json"))
+        self.client.set_terminated(run_id, "FINISHED")
+        state["epochs_logged"] = last
+        (run / STATE).write_json(state)
+        self.log(f"mlflow: run {run_id} in experiment {EXPERIMENT} at {self.uri} ({len(new)} new epoch(s) logged)")
+        return run_id
+
+    @_one_line
+    def record_sweep(self, folder: Location, sweep: dict[str, Any]) -> str:
+        """Logs a finished sweep (its tune.json) as a run whose children are its trials: a
+        trial that trained every epoch with its whole record, one stopped early with what it
+        reached."""
+        state = self._state(folder)
+        parent = self._open(state, folder.name, {"space": sweep["sweep"]["space"], **sweep["base"]},
+                            {"mnist_dist.sweep_dir": str(folder)})
+        (folder / STATE).write_json(state)
+        for trial in sweep["trials"]:
+            run = Location.of(trial["run"])
+            if (run / "result.json").exists():
+                self.record(run, parent=parent)
+                continue
+            trial_state = self._state(run) if run.exists() else {"tracking_uri": self.uri}
+            if not trial_state.get("run_id"):
+                child = self._open(trial_state, trial["name"], trial["params"],
+                                   {"mlflow.parentRunId": parent, "mnist_dist.status": trial["status"]})
+                if trial["best_val_accuracy"] is not None:
+                    self.client.log_metric(child, "best_val_accuracy", trial["best_val_accuracy"], step=trial["epochs"])
+                self.client.set_terminated(child, "KILLED" if trial["status"] == "stopped early" else "FAILED")
+                if run.exists():
+                    (run / STATE).write_json(trial_state)
+        best = sweep.get("best")
+        if best:
+            self.client.log_metric(parent, "best_val_accuracy", best["best_val_accuracy"])
+            self.client.set_tag(parent, "mnist_dist.best_trial", best["name"])
+        self.client.set_terminated(parent, "FINISHED")
+        self.log(f"mlflow: sweep run {parent} with {len(sweep['trials'])} trial run(s) at {self.uri}")
+        return parent
+
+    # ------------------------------------------------------------ the registry
+    @_one_line
+    def register(self, run: Location, export_dir: Location, report: dict[str, Any]) -> str | None:
+        """Registers the verified export at `export_dir` as a version of the model, once;
+        returns the version. An export that failed verification is never registered."""
+        if report.get("verified") is not True:
+            self.log("mlflow: the export failed verification; nothing is registered")
+            return None
+        state = self._state(run)
+        digest = report["fp32"]["sha256"]
+        if digest in state.get("versions", {}):
+            version = state["versions"][digest]
+            self.log(f"mlflow: this export is already {self.model_name} version {version}")
+            return version
+        run_id = state.get("run_id") or self.record(run)
+        state = self._state(run)
+        with export_dir.local_copy() as local:
+            self.client.log_artifacts(run_id, str(local), artifact_path="export")
+            description = (local / "report.md").read_text() if (local / "report.md").exists() else ""
+        with contextlib.suppress(Exception):  # it exists already
+            self.client.create_registered_model(self.model_name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/export"
+        version = self.client.create_model_version(self.model_name, source, run_id=run_id, tags=verification_tags(report),
+                                                   description=description).version
+        state.setdefault("versions", {})[digest] = version
+        (run / STATE).write_json(state)
+        self.log(f"mlflow: registered {self.model_name} version {version} (models:/{self.model_name}/{version})")
+        return version
+
+    def fetch(self, model_uri: str, into: Path) -> Path:
+        """The files of a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`), in `into`."""
+        from mlflow.artifacts import download_artifacts
+
+        try:
+            return Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into), tracking_uri=self.uri))
+        except Exception as exc:
+            raise ConfigError(f"--model {model_uri}: MLflow at {self.uri} cannot give it ({_first_line(exc)}). "
+                              "Fix: a registered model's version or alias, as the MLflow UI lists them") from None
+
+
+def verification_tags(report: dict[str, Any]) -> dict[str, str]:
+    """The figures a device owner checks before shipping, as the version's tags."""
+    tags = {"verified": "true", "checkpoint": report["checkpoint"], "model": report["model"],
+            "test_images": str(report["test_images"])}
+    for precision in ("fp32", "int8"):
+        figures = report[precision]
+        tags |= {f"{precision}.test_accuracy": f"{figures['ort_accuracy']:.4f}", f"{precision}.sha256": figures["sha256"],
+                 f"{precision}.size_bytes": str(figures["size_bytes"]),
+                 f"{precision}.argmax_disagreements": str(figures["argmax_disagreements"]),
+                 f"{precision}.max_abs_logit_diff": f"{figures['max_abs_logit_diff']:.3g}"}
+    tags |= {f"rule.{rule['rule']}": rule["detail"][:5000] for rule in report["rules"]}
+    return tags

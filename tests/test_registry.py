@@ -1,0 +1,153 @@
+"""MLflow tracking and registry (`--mlflow`): a real `mlflow server` started here, with a
+SQLite backend and its artifacts in a local folder or in the S3 test server, in a venv of
+its own (scripts/lock/mlflow-server-*.txt: the server asks for a pyarrow Ray's environment
+does not have). The project's side is the `mlflow` extra's client alone."""
+import json
+import os
+import platform
+import signal
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import BUCKET, ROOT, S3_CREDENTIALS, free_port, run_cli, tool_venv
+
+SERVER_LOCK = ROOT / "scripts" / "lock" / f"mlflow-server-{platform.machine()}.txt"
+PIPELINE = ("pipeline", "--preset", "smoke", "--in-process", "--epochs", "2", "--max-int8-drop", "5")
+
+
+def start_server(tmp_path, artifacts: str, env: dict) -> tuple[str, subprocess.Popen]:
+    venv = tool_venv(SERVER_LOCK, "mlflow-server")
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen([venv / "bin" / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", artifacts],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return uri, server
+        except OSError:
+            pass
+        assert server.poll() is None and time.time() < deadline, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.fixture(params=["local", "s3"])
+def mlflow_server(request, tmp_path):
+    """(tracking URI) of a fresh server; its artifacts in a folder, or in the S3 test server's bucket."""
+    env = {}
+    if request.param == "s3":
+        endpoint, _ = request.getfixturevalue("s3")
+        env = {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": endpoint}
+        artifacts = f"s3://{BUCKET}/mlflow-{tmp_path.name}"
+    else:
+        artifacts = str(tmp_path / "artifacts")
+    uri, server = start_server(tmp_path, artifacts, env)
+    try:
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow  # trains and exports
+def test_a_pipeline_registers_its_verified_export_and_predict_pulls_it(mlflow_server, tmp_path, mnist_dir):
+    from mlflow import MlflowClient
+
+    storage = tmp_path / "runs"
+    proc = run_cli(*PIPELINE, "--storage", storage, "--name", "reg", "--mlflow", mlflow_server, "--mlflow-model", "digits")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mlflow: registered digits version 1 (models:/digits/1)" in proc.stdout, proc.stdout[-3000:]
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist-dist").experiment_id])
+    assert run.info.run_name == "reg" and run.info.status == "FINISHED"
+    assert run.data.params["model"] == "lenet5" and run.data.params["epochs"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    result = json.loads((storage / "reg" / "result.json").read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    # The version: the export's files, report.md as its description, the verification as tags.
+    (version,) = client.search_model_versions("name='digits'")
+    report = json.loads((storage / "reg" / "export" / "report.json").read_text())
+    assert version.version == "1" and version.run_id == run.info.run_id
+    assert version.tags["verified"] == "true" and version.tags["fp32.sha256"] == report["fp32"]["sha256"]
+    assert version.tags["int8.test_accuracy"] == f"{report['int8']['ort_accuracy']:.4f}"
+    assert "must be 0" in version.tags["rule.fp32_argmax_agreement"]
+    assert version.description == (storage / "reg" / "export" / "report.md").read_text()
+    print(f"\nMLflow lists digits version {version.version}: source {version.source}, status {version.status}, tags {version.tags}")
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export/model.onnx", "export/model.int8.onnx", "export/report.json", "export/report.md"} <= files
+
+    # A device pulls the version by name and classifies with it, as with a local export.
+    from mnist_edge import idx
+
+    images = idx.read(mnist_dir / "t10k-images-idx3-ubyte.gz")[:8]
+    np.save(tmp_path / "eight.npy", images)
+    pulled = run_cli("predict", "--model", "models:/digits/1", "--mlflow", mlflow_server, "--json", tmp_path / "eight.npy")
+    assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
+    local = run_cli("predict", "--model", storage / "reg" / "export", "--json", tmp_path / "eight.npy")
+    assert [r["label"] for r in json.loads(pulled.stdout)["predictions"]] == [r["label"] for r in json.loads(local.stdout)["predictions"]]
+
+    # Run again: nothing new to train or export, and nothing logged twice.
+    again = run_cli(*PIPELINE, "--storage", storage, "--name", "reg", "--mlflow", mlflow_server, "--mlflow-model", "digits")
+    assert again.returncode == 0 and "already digits version 1" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(client.search_model_versions("name='digits'")) == 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+
+
+@pytest.mark.slow  # trains and exports
+def test_an_export_that_fails_verification_is_never_registered(tmp_path):
+    from mlflow import MlflowClient
+
+    uri, server = start_server(tmp_path, str(tmp_path / "artifacts"), {})
+    try:
+        proc = run_cli(*PIPELINE, "--epochs", "1", "--storage", tmp_path / "runs", "--name", "bad", "--tolerance", "0",
+                       "--mlflow", uri)  # the fp32 rule must fail
+        assert proc.returncode == 1 and "FAILED rule fp32_logit_tolerance" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "nothing is registered" in proc.stdout
+        client = MlflowClient(uri)
+        assert client.search_model_versions("name='mnist'") == []
+        (logged,) = client.search_runs([client.get_experiment_by_name("mnist-dist").experiment_id])
+        assert logged.info.run_name == "bad"  # the run itself is on record
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_a_server_that_does_not_answer_is_one_line_before_any_training(tmp_path):
+    started = time.monotonic()
+    proc = run_cli("train", "--preset", "smoke", "--in-process", "--storage", tmp_path, "--name", "x",
+                   "--mlflow", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: --mlflow http://127.0.0.1:") and "does not answer" in line and "Fix: " in line, line
+    assert not (tmp_path / "x").exists() and time.monotonic() - started < 30
+
+
+def test_without_the_client_mlflow_is_one_line_and_nothing_else_needs_it(monkeypatch):
+    import sys
+
+    from mnist_dist import tracking
+    from mnist_dist.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as where the mlflow extra is not installed
+    with pytest.raises(ConfigError, match=r"pip install \"mnist-dist\[mlflow\]\""):
+        tracking.Tracker("http://127.0.0.1:1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(None) is None  # without the flag or the variable, nothing is logged
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking.tracking_uri(None) == "http://mlflow:5000" and tracking.tracking_uri("http://a:1") == "http://a:1"
+
+
+def test_predict_of_a_registered_model_without_a_server_is_one_line(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    proc = run_cli("predict", "--model", "models:/digits/1", "x.npy", env={"MLFLOW_TRACKING_URI": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "no server is named" in proc.stderr and "Fix: --mlflow URI" in proc.stderr

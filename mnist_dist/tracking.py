@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,10 @@ class Tracker:
         metrics = [Metric(key, float(h[key]), int(h.get("finished_at", 0) * 1000), h["epoch"])
                    for h in new for key in EPOCH_METRICS if isinstance(h.get(key), (int, float))]
         last = result["epochs_completed"]
-        metrics += [Metric(key, float(result[key]), 0, last)
-                    for key in ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch") if result.get(key) is not None]
+        if new:  # the command trained: its test score, at its last epoch
+            now = int(time.time() * 1000)
+            metrics += [Metric(key, float(result[key]), now, last)
+                        for key in ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch") if result.get(key) is not None]
         for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
             self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
         with tempfile.TemporaryDirectory() as scratch:
@@ -160,9 +163,11 @@ class Tracker:
                 if run.exists():
                     (run / STATE).write_json(trial_state)
         best = sweep.get("best")
-        if best:
+        if best and state.get("best_trial") != best["name"]:
             self.client.log_metric(parent, "best_val_accuracy", best["best_val_accuracy"])
             self.client.set_tag(parent, "mnist_dist.best_trial", best["name"])
+            state["best_trial"] = best["name"]
+            (folder / STATE).write_json(state)
         self.client.set_terminated(parent, "FINISHED")
         self.log(f"mlflow: sweep run {parent} with {len(sweep['trials'])} trial run(s) at {self.uri}")
         return parent
@@ -186,10 +191,15 @@ class Tracker:
         with export_dir.local_copy() as local:
             self.client.log_artifacts(run_id, str(local), artifact_path="export")
             description = (local / "report.md").read_text() if (local / "report.md").exists() else ""
-        with contextlib.suppress(Exception):  # it exists already
+        from mlflow.exceptions import MlflowException
+
+        try:
             self.client.create_registered_model(self.model_name)
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/export"
-        version = self.client.create_model_version(self.model_name, source, run_id=run_id, tags=verification_tags(report),
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(self.model_name, f"runs:/{run_id}/export", run_id=run_id,
+                                                   tags=verification_tags(report),
                                                    description=description).version
         state.setdefault("versions", {})[digest] = version
         (run / STATE).write_json(state)
@@ -198,10 +208,15 @@ class Tracker:
 
     def fetch(self, model_uri: str, into: Path) -> Path:
         """The files of a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`), in `into`."""
+        import mlflow
         from mlflow.artifacts import download_artifacts
 
+        # MLflow resolves models:/ with its global registry URI, whatever the call is given.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
         try:
-            return Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into), tracking_uri=self.uri))
+            return Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into), tracking_uri=self.uri,
+                                           registry_uri=self.uri))
         except Exception as exc:
             raise ConfigError(f"--model {model_uri}: MLflow at {self.uri} cannot give it ({_first_line(exc)}). "
                               "Fix: a registered model's version or alias, as the MLflow UI lists them") from None

@@ -47,6 +47,9 @@ SCRATCH = {
     "gpu-eks": ("../gpu", [], ["../../components/gpu-eks"]),
     "gpu-aks": ("../gpu", [], ["../../components/gpu-aks"]),
     "gpu-spot-gke": ("../gpu-spot", [], ["../../components/gpu-gke"]),
+    # MLflow's URI and its egress, on a run and on a sweep (docs/registry.md).
+    "mlflow": ("../cpu", [], ["../../components/mlflow"]),
+    "tune-mlflow": ("../tune", [], ["../../components/mlflow"]),
 }
 # And the README's own examples, as written there: "big" (4 workers x 4 CPUs) and "options".
 README_OVERLAYS = ["big", "options", "readme-gpu-gke"]
@@ -407,6 +410,8 @@ def test_the_network_policies_let_in_only_the_jobs_own_traffic(rendered):
     assert allowed(docs, "out", worker, None, 443) == bucket, name
     assert allowed(docs, "out", head, None, 443) == (bucket or elastic(rayjob)), name
     assert not allowed(docs, "out", worker, None, 80) and not allowed(docs, "out", submitter, None, 443)
+    # And to an MLflow server only where the pods are told one.
+    assert allowed(docs, "out", head, None, 5000) == ("MLFLOW_TRACKING_URI" in settings(by_kind)), name
     # The KubeRay operator polls the job on the head's dashboard, from the namespace the README installs it in.
     (dashboard,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-dashboard")]
     operator = [q for rule in dashboard["spec"]["ingress"] for q in rule["from"] if "namespaceSelector" in q]
@@ -520,32 +525,51 @@ def test_lifecycle_deadlines_retries_and_deletion(rendered):
     assert all(policy != "DeleteSelf" for _status, policy in rules)  # the RayJob and its logs stay
 
 
-def test_the_entrypoint_runs_the_jobs_script_with_every_setting_as_a_real_flag(rendered, tmp_path):
-    """jobs/pipeline.sh with the ConfigMap as its environment: the `mnist-dist pipeline`
-    command it builds (a stand-in `python` prints it) parses, and carries each setting."""
-    _name, by_kind, _docs = rendered
-    entrypoint = by_kind["RayJob"]["spec"]["entrypoint"].split()
-    assert entrypoint == ["bash", f"{IMAGE_WORKDIR}/jobs/pipeline.sh"]  # jobs/ is copied to /app/jobs in the image
-    (tmp_path / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+def commands_of(script: str, config: dict[str, str], tmp_path, *args: str) -> list[list[str]]:
+    """The `python` command lines a jobs/ script runs with the ConfigMap as its environment (a
+    stand-in `python` prints each)."""
+    (tmp_path / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\necho ---\n')
     (tmp_path / "python").chmod(0o755)
-    config = settings(by_kind)
-    proc = subprocess.run(["bash", str(ROOT / "jobs" / "pipeline.sh")], capture_output=True, text=True, timeout=30,
+    proc = subprocess.run(["bash", str(ROOT / "jobs" / script), *args], capture_output=True, text=True, timeout=30,
                           env={"PATH": f"{tmp_path}:/usr/bin:/bin", **config})
     assert proc.returncode == 0, proc.stderr
-    argv = proc.stdout.splitlines()
-    assert argv[:3] == ["-m", "mnist_dist.cli", "pipeline"]
+    return [command.strip("\n").splitlines() for command in proc.stdout.split("---\n")[:-1]]
+
+
+def test_the_entrypoint_runs_the_jobs_script_with_every_setting_as_a_real_flag(rendered, tmp_path):
+    """jobs/pipeline.sh (jobs/tune.sh for a sweep) with the ConfigMap as its environment: the
+    `mnist-dist` commands it builds parse, and carry each setting."""
     from mnist_dist.cli import build_parser
 
-    args = build_parser().parse_args(argv[2:])
+    _name, by_kind, _docs = rendered
+    config = settings(by_kind)
+    sweep = "MNIST_TUNE_SPACE" in config
+    entrypoint = by_kind["RayJob"]["spec"]["entrypoint"].split()
+    # jobs/ is copied to /app/jobs in the image
+    assert entrypoint == ["bash", f"{IMAGE_WORKDIR}/jobs/{'tune.sh' if sweep else 'pipeline.sh'}"]
+    commands = commands_of(entrypoint[1].rsplit("/", 1)[1], config, tmp_path)
+    assert [argv[:3] for argv in commands] == [["-m", "mnist_dist.cli", c] for c in (["tune", "pipeline"] if sweep else ["pipeline"])]
+    args = build_parser().parse_args(commands[0][2:])
     assert (args.epochs, args.cpus_per_worker, args.gpus_per_worker, args.max_failures) == tuple(
         int(config[k]) for k in ("MNIST_EPOCHS", "MNIST_CPUS_PER_WORKER", "MNIST_GPUS_PER_WORKER", "MNIST_MAX_FAILURES"))
-    assert args.workers == config["MNIST_WORKERS"]  # N, or an elastic range MIN-MAX
+    # N, or an elastic range MIN-MAX; a sweep's trials have their own, and the cluster MNIST_WORKERS pods
+    assert args.workers == (config["MNIST_TRIAL_WORKERS"] if sweep else config["MNIST_WORKERS"])
     assert (args.storage, args.name, args.preset) == (config["MNIST_STORAGE"], config["MNIST_RUN_NAME"], config["MNIST_PRESET"])
     extra = {"MNIST_EXTRA_ARGS": "--train-limit 1024  --augment"}
-    proc = subprocess.run(["bash", str(ROOT / "jobs" / "pipeline.sh"), "--epochs", "3"], capture_output=True, text=True,
-                          timeout=30, env={"PATH": f"{tmp_path}:/usr/bin:/bin", **config, **extra})
-    args = build_parser().parse_args(proc.stdout.splitlines()[2:])
+    args = build_parser().parse_args(commands_of(entrypoint[1].rsplit("/", 1)[1], {**config, **extra}, tmp_path,
+                                                 "--epochs", "3")[0][2:])
     assert (args.train_limit, args.augment, args.epochs) == (1024, True, 3)  # arguments win over settings
+    if sweep:  # then the best trial's export, with the export's own flags
+        assert args.space == config["MNIST_TUNE_SPACE"].split()
+        export = build_parser().parse_args(commands_of("tune.sh", {**config, "MNIST_EXPORT_ARGS": "--max-int8-drop 0.2"},
+                                                       tmp_path)[1][2:])
+        assert (export.from_tune, export.storage, export.max_int8_drop) == (config["MNIST_RUN_NAME"], config["MNIST_STORAGE"], 0.2)
+
+
+def test_a_sweep_without_a_space_is_one_line(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "jobs" / "tune.sh")], capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: MNIST_TUNE_SPACE is empty") and "Fix: " in proc.stderr
 
 
 def test_storage_is_the_mounted_volume_or_the_object_store(rendered):

@@ -121,14 +121,17 @@ def test_an_export_that_fails_verification_is_never_registered(tmp_path):
         server.wait(timeout=30)
 
 
-def test_a_server_that_does_not_answer_is_one_line_before_any_training(tmp_path):
+def test_a_server_that_does_not_answer_is_one_line_before_any_training(tmp_path, capsys):
+    from mnist_dist import cli
+
     started = time.monotonic()
-    proc = run_cli("train", "--preset", "smoke", "--in-process", "--storage", tmp_path, "--name", "x",
-                   "--mlflow", f"http://127.0.0.1:{free_port()}")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    (line,) = proc.stderr.strip().splitlines()
+    code = cli.main(["train", "--preset", "smoke", "--in-process", "--storage", str(tmp_path), "--name", "x",
+                     "--mlflow", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = err.strip().splitlines()
     assert line.startswith("error: --mlflow http://127.0.0.1:") and "does not answer" in line and "Fix: " in line, line
-    assert not (tmp_path / "x").exists() and time.monotonic() - started < 30
+    assert not (tmp_path / "x").exists() and time.monotonic() - started < 30  # nothing trained, no retries waited out
 
 
 def test_without_the_client_mlflow_is_one_line_and_nothing_else_needs_it(monkeypatch):
@@ -146,8 +149,66 @@ def test_without_the_client_mlflow_is_one_line_and_nothing_else_needs_it(monkeyp
     assert tracking.tracking_uri(None) == "http://mlflow:5000" and tracking.tracking_uri("http://a:1") == "http://a:1"
 
 
-def test_predict_of_a_registered_model_without_a_server_is_one_line(monkeypatch):
+def test_predict_of_a_registered_model_without_a_server_is_one_line(monkeypatch, capsys):
+    from mnist_dist import cli
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    proc = run_cli("predict", "--model", "models:/digits/1", "x.npy", env={"MLFLOW_TRACKING_URI": ""})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "no server is named" in proc.stderr and "Fix: --mlflow URI" in proc.stderr
+    assert cli.main(["predict", "--model", "models:/digits/1", "x.npy"]) == 2
+    err = capsys.readouterr().err
+    assert "no server is named" in err and "Fix: --mlflow URI" in err and "Traceback" not in err
+
+
+def test_the_verification_figures_become_the_versions_tags():
+    report = {"checkpoint": "checkpoint_epoch002", "model": "lenet5", "test_images": 10000,
+              "rules": [{"rule": "fp32_logit_tolerance", "passed": True, "detail": "max |logit difference| 7.6e-06 (must be <= 0.0001)"}],
+              **{p: {"ort_accuracy": 0.98765, "sha256": p * 4, "size_bytes": 1234, "argmax_disagreements": 3,
+                     "max_abs_logit_diff": 2.05e-3} for p in ("fp32", "int8")}}
+    from mnist_dist.tracking import verification_tags
+
+    tags = verification_tags(report)
+    assert tags["verified"] == "true" and tags["checkpoint"] == "checkpoint_epoch002" and tags["test_images"] == "10000"
+    assert tags["int8.test_accuracy"] == "0.9877" and tags["fp32.sha256"] == "fp32" * 4 and tags["int8.size_bytes"] == "1234"
+    assert tags["rule.fp32_logit_tolerance"].startswith("max |logit difference|")
+    assert all(isinstance(v, str) for v in tags.values())  # MLflow's tags are strings
+
+
+@pytest.mark.slow  # a server
+def test_a_sweep_is_one_run_with_a_child_per_trial_and_is_logged_once(tmp_path):
+    """The sweep's record from its files (no Ray here): a finished trial with its epochs, one
+    ASHA stopped with what it reached; logged again, nothing doubles."""
+    from mlflow import MlflowClient
+
+    from mnist_dist import tracking
+    from mnist_dist.store import Location
+
+    folder = tmp_path / "sweeps" / "lr"
+    history = [{"epoch": e, "val_accuracy": 0.5 + e / 10, "val_loss": 1.0 / e, "finished_at": 1.8e9 + e} for e in (1, 2)]
+    (folder / "trial-00000").mkdir(parents=True)
+    (folder / "trial-00000" / "result.json").write_text(json.dumps(
+        {"config": {"learning_rate": 0.05, "model": "lenet5"}, "history": history, "epochs_completed": 2,
+         "test_accuracy": 0.69, "test_loss": 0.9, "best_val_accuracy": 0.7, "best_epoch": 2}))
+    (folder / "trial-00001").mkdir()
+    record = {"status": "finished", "sweep": {"space": {"learning_rate": {"choices": [0.05, 0.0005]}}},
+              "base": {"epochs": 2, "model": "lenet5"}, "metric": "val_accuracy",
+              "trials": [{"name": "trial-00000", "params": {"learning_rate": 0.05}, "status": "finished", "epochs": 2,
+                          "best_val_accuracy": 0.7, "run": str(folder / "trial-00000")},
+                         {"name": "trial-00001", "params": {"learning_rate": 0.0005}, "status": "stopped early", "epochs": 1,
+                          "best_val_accuracy": 0.1, "run": str(folder / "trial-00001")}],
+              "best": {"name": "trial-00000", "best_val_accuracy": 0.7}}
+    uri, server = start_server(tmp_path, str(tmp_path / "artifacts"), {})
+    try:
+        tracker = tracking.Tracker(uri, log=lambda _: None)
+        parent = tracker.record_sweep(Location.of(folder), record)
+        assert tracker.record_sweep(Location.of(folder), record) == parent  # again: the same run, nothing new
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("mnist-dist").experiment_id])
+        children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+        assert len(runs) == 3 and set(children) == {"trial-00000", "trial-00001"}
+        assert client.get_run(parent).data.tags["mnist_dist.best_trial"] == "trial-00000"
+        finished, stopped = children["trial-00000"], children["trial-00001"]
+        assert [m.step for m in client.get_metric_history(finished.info.run_id, "val_accuracy")] == [1, 2]
+        assert finished.data.metrics["test_accuracy"] == 0.69 and finished.data.params["learning_rate"] == "0.05"
+        assert stopped.info.status == "KILLED" and stopped.data.metrics["best_val_accuracy"] == 0.1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -16,9 +16,9 @@ from helpers.kuberay_local import LocalRayJob, read_only_pod, render
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-def user_overlay(literals: list[str], wiring: bool = True) -> str:
-    """A user's own overlay on k8s/overlays/cpu: the settings, then the wiring (unless forgotten)."""
-    overlay = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["../cpu"],
+def user_overlay(literals: list[str], wiring: bool = True, on: str = "cpu") -> str:
+    """A user's own overlay on k8s/overlays/ON: the settings, then the wiring (unless forgotten)."""
+    overlay = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [f"../{on}"],
                "configMapGenerator": [{"name": "mnist-pipeline", "behavior": "merge", "literals": literals}]}
     return yaml.safe_dump({**overlay, **({"transformers": ["../../wiring"]} if wiring else {})}, sort_keys=False)
 
@@ -71,6 +71,28 @@ def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(
     report = json.loads((run / "export" / "report.json").read_text())
     assert report["verified"] is True, report
     assert "2 worker(s)" in logs and "verified export written to" in logs
+
+
+# A tiny sweep on overlays/tune: two 1-epoch trials of 1 worker, side by side on the 2 worker pods.
+TINY_SWEEP = user_overlay(["MNIST_WORKERS=2", "MNIST_CPUS_PER_WORKER=1", "MNIST_MEMORY_PER_WORKER=2Gi", "MNIST_EPOCHS=1",
+                           "MNIST_PRESET=smoke", "MNIST_TRIAL_WORKERS=1", "MNIST_TUNE_SPACE=lr=0.05,0.0005",
+                           "MNIST_EXTRA_ARGS=--train-limit 1024 --val-size 512", "MNIST_EXPORT_ARGS=--max-int8-drop 5"],
+                          on="tune")
+
+
+def test_the_tune_overlay_sweeps_on_the_workers_and_exports_the_best_trial(tmp_path, mnist_dir):
+    docs = render_overlay(tmp_path, "tiny-sweep", TINY_SWEEP)
+    settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    with LocalRayJob(docs, ROOT, tmp_path / "volumes", mnist=mnist_dir) as job:
+        job.start()
+        status, logs = job.submit(timeout=600)
+    assert status == "SUCCEEDED", logs[-5000:]
+    sweep = Path(job.paths(settings["MNIST_STORAGE"])) / settings["MNIST_RUN_NAME"]
+    record = json.loads((sweep / "tune.json").read_text())
+    assert record["status"] == "finished" and [t["status"] for t in record["trials"]] == ["finished", "finished"], record
+    assert record["best"]["params"] == {"learning_rate": 0.05}, record["best"]
+    report = json.loads((sweep / record["best"]["name"] / "export" / "report.json").read_text())
+    assert report["verified"] is True and "verified export written to" in logs
 
 
 # An overlay that changes the settings and forgets the wiring: the RayJob keeps the base's

@@ -1,21 +1,17 @@
 #!/usr/bin/env bash
 # A Ray Tune sweep on the Ray cluster this runs in (mnist-dist tune), then the verified export
-# of its best trial (mnist-dist pipeline --from-tune). The entrypoint of k8s/overlays/tune, and
-# of `ray job submit` for a sweep. Settings come from the environment, as for jobs/pipeline.sh,
-# with the sweep's own:
+# of its best trial (mnist-dist pipeline --from-tune): the entrypoint of k8s/overlays/tune.
+# Settings come from the environment only (a ConfigMap), as for jobs/pipeline.sh, so that both
+# commands name the same sweep; with the sweep's own:
 #   MNIST_TUNE_SPACE     the space, one KEY=VALUES per word: "lr=0.004,0.002 batch-size=64,128"
 #   MNIST_TRIAL_WORKERS  each trial's workers (default 1); on Kubernetes MNIST_WORKERS sizes the cluster
 #   MNIST_EXTRA_ARGS     more `mnist-dist tune` flags ("--samples 2 --grace-epochs 2 --augment")
 #   MNIST_EXPORT_ARGS    the export's flags ("--max-int8-drop 0.2")
-# Extra arguments go to `mnist-dist tune`. Run again with the same name, an interrupted sweep
-# resumes, and a finished one with a verified export exits 0.
+# Run again with the same name, an interrupted sweep resumes, and a finished one with a
+# verified export exits 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a space <<< "${MNIST_TUNE_SPACE:-}"
-if [ ${#space[@]} -eq 0 ]; then
-    echo "error: MNIST_TUNE_SPACE is empty. Fix: the space to sweep, one KEY=VALUES per word, e.g. lr=0.004,0.002 batch-size=64,128" >&2
-    exit 2
-fi
 read -r -a extra <<< "${MNIST_EXTRA_ARGS:-}"
 read -r -a export_args <<< "${MNIST_EXPORT_ARGS:-}"
 storage="${MNIST_STORAGE:-runs}"
@@ -29,5 +25,5 @@ python -m mnist_dist.cli tune \
     --storage "$storage" \
     --name "$name" \
     --max-failures "${MNIST_MAX_FAILURES:-2}" \
-    "${space[@]/#/--space=}" "${extra[@]}" "$@"
+    "${space[@]/#/--space=}" "${extra[@]}"
 exec python -m mnist_dist.cli pipeline --from-tune "$name" --storage "$storage" "${export_args[@]}"

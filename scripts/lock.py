@@ -28,7 +28,7 @@ MACHINES = {"x86_64": "x86_64-manylinux_2_28", "aarch64": "aarch64-manylinux_2_2
 # dev first: the others are resolved within it. bench-peer is a venv of its own (the peers of
 # `mnist-dist bench`); within dev too, so what both hold is the same files. mlflow-server is
 # the tests' MLflow server, a venv of its own that cannot be within dev (pyarrow).
-EXTRAS = ("dev", "train", "train-gpu", "edge", "bench-peer", "mlflow-server")
+EXTRAS = ("dev", "train", "train-gpu", "edge", "mlflow", "bench-peer", "mlflow-server")
 STANDALONE = ("dev", "mlflow-server")
 HEADER = "# pyproject-sha256: "
 

@@ -72,7 +72,7 @@ def test_each_lock_pins_what_its_extra_asks_for_with_hashes(extra, machine):
     assert all(hashes for _, hashes in pins.values())  # --require-hashes refuses a pin without one
     # bench-peer's tf-keras requires the `tensorflow` distribution: that is why it is a venv of its own.
     expected_tf = "tensorflow" if extra in ("train-gpu", "bench-peer") or machine == "aarch64" else "tensorflow-cpu"
-    if extra not in ("edge", "mlflow-server"):
+    if extra not in ("edge", "mlflow", "mlflow-server"):
         assert expected_tf in pins and ({"tensorflow", "tensorflow-cpu"} - {expected_tf}).isdisjoint(pins)
     else:
         assert not {"tensorflow", "tensorflow-cpu", "ray", "keras"} & set(pins)  # the edge runtime stays light
@@ -85,7 +85,7 @@ def test_the_smaller_locks_hold_devs_versions_and_files(machine):
     """CI installs dev; the image installs train: every package both hold is the same files.
     (Not mlflow-server, the tests' MLflow server: a venv of its own, with the pyarrow it asks for.)"""
     dev = read_lock(lock.lock_path("dev", machine))
-    for extra in ("train", "train-gpu", "edge", "bench-peer"):
+    for extra in ("train", "train-gpu", "edge", "mlflow", "bench-peer"):
         for name, pin in read_lock(lock.lock_path(extra, machine)).items():
             assert name not in dev or dev[name] == pin, f"{extra}-{machine}: {name} differs from dev's"
     train = read_lock(lock.lock_path("train", machine))

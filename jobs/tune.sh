@@ -10,6 +10,10 @@
 # Run again with the same name, an interrupted sweep resumes, and a finished one with a
 # verified export exits 0.
 set -euo pipefail
+if [ $# -gt 0 ]; then
+    echo "error: jobs/tune.sh takes no arguments (got $*): its settings come from the environment, so that the sweep and its export name the same folder. Fix: MNIST_EXTRA_ARGS for more tune flags, or run mnist-dist tune yourself" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 read -r -a space <<< "${MNIST_TUNE_SPACE:-}"
 read -r -a extra <<< "${MNIST_EXTRA_ARGS:-}"

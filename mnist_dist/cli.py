@@ -93,11 +93,12 @@ def config_from_args(args: argparse.Namespace):
     return preset(args.preset, **overrides)
 
 
-def add_mlflow_arguments(parser: argparse.ArgumentParser) -> None:
+def add_mlflow_arguments(parser: argparse.ArgumentParser, registers: bool = False) -> None:
     parser.add_argument("--mlflow", default=None, metavar="URI",
                         help="log to this MLflow tracking server (default: $MLFLOW_TRACKING_URI; docs/registry.md)")
-    parser.add_argument("--mlflow-model", default="mnist", metavar="NAME",
-                        help="the registered model a verified export becomes a version of (default mnist)")
+    if registers:
+        parser.add_argument("--mlflow-model", default="mnist", metavar="NAME",
+                            help="the registered model a verified export becomes a version of (default mnist)")
 
 
 def tracker(args: argparse.Namespace):
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the best trial of the sweep --storage/SWEEP (mnist-dist tune) instead of training a run")
     p.add_argument("--export-dir", default=None, help="default RUN_DIR/export")
     add_export_arguments(p)
-    add_mlflow_arguments(p)
+    add_mlflow_arguments(p, registers=True)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("tune", help="a Ray Tune sweep (ASHA) over train options, each trial a Ray Train run")

@@ -27,6 +27,8 @@ STATE = "mlflow.json"
 EPOCH_METRICS = ("val_accuracy", "val_loss", "train_loss", "learning_rate", "images_per_second", "epoch_train_seconds")
 # Ask the server once, quickly: MLflow's default is 7 retries with backoff, minutes for a typo.
 PREFLIGHT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# After the command's work, a few tries, not MLflow's minutes of backoff before the one line.
+LOGGING_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 
 def tracking_uri(flag: str | None) -> str | None:
@@ -58,7 +60,8 @@ def _one_line(method):
     @functools.wraps(method)
     def logged(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
+            with _env(LOGGING_ENV):
+                return method(self, *args, **kwargs)
         except (ConfigError, RunError):
             raise
         except Exception as exc:
@@ -96,16 +99,24 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         return experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
 
-    def _open(self, state: dict[str, Any], name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        """The MLflow run of `state`, or a new one with these parameters."""
+    def _open(self, state: dict[str, Any], where: Location | None, name: str, params: dict[str, Any],
+              tags: dict[str, str], start_ms: int | None = None) -> str:
+        """The MLflow run of `state`, or a new one with these parameters, whose id is saved in
+        `where` at once: a command that fails after this finds it again."""
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
 
         if state.get("run_id"):
-            with contextlib.suppress(Exception):
+            try:
                 if self.client.get_run(state["run_id"]).info.lifecycle_stage == "active":
                     return state["run_id"]
-        run = self.client.create_run(self._experiment_id(), run_name=name, tags=tags)
+            except MlflowException as exc:  # deleted on the server: a new one; anything else is raised
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+        run = self.client.create_run(self._experiment_id(), start_time=start_ms, run_name=name, tags=tags)
         state.update(run_id=run.info.run_id, epochs_logged=0, versions={})
+        if where is not None:
+            (where / STATE).write_json(state)
         # Parameters are fixed once logged: a later command's changed ones (more epochs) are in
         # result.json, which is logged again as an artifact.
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
@@ -119,8 +130,10 @@ class Tracker:
         result = (run / "result.json").read_json()
         state = self._state(run)
         tags = {"mnist_dist.run_dir": str(run), **({"mlflow.parentRunId": parent} if parent else {})}
-        run_id = self._open(state, run.name, result["config"], tags)
-        new = [h for h in result["history"] if h["epoch"] > state.get("epochs_logged", 0)]
+        history = result["history"]
+        started = history[0]["finished_at"] - history[0].get("epoch_train_seconds", 0) if history else None
+        run_id = self._open(state, run, run.name, result["config"], tags, int(started * 1000) if started else None)
+        new = [h for h in history if h["epoch"] > state.get("epochs_logged", 0)]
         metrics = [Metric(key, float(h[key]), int(h.get("finished_at", 0) * 1000), h["epoch"])
                    for h in new for key in EPOCH_METRICS if isinstance(h.get(key), (int, float))]
         last = result["epochs_completed"]
@@ -133,7 +146,8 @@ class Tracker:
         with tempfile.TemporaryDirectory() as scratch:
             (Path(scratch) / "result.json").write_bytes((run / "result.json").read_bytes())
             self.client.log_artifact(run_id, str(Path(scratch) / "result.json"))
-        self.client.set_terminated(run_id, "FINISHED")
+        ended = history[-1].get("finished_at") if history else None
+        self.client.set_terminated(run_id, "FINISHED", end_time=int(ended * 1000) if ended else None)
         state["epochs_logged"] = last
         (run / STATE).write_json(state)
         self.log(f"mlflow: run {run_id} in experiment {EXPERIMENT} at {self.uri} ({len(new)} new epoch(s) logged)")
@@ -145,23 +159,23 @@ class Tracker:
         trial that trained every epoch with its whole record, one stopped early with what it
         reached."""
         state = self._state(folder)
-        parent = self._open(state, folder.name, {"space": sweep["sweep"]["space"], **sweep["base"]},
+        parent = self._open(state, folder, folder.name, {"space": sweep["sweep"]["space"], **sweep["base"]},
                             {"mnist_dist.sweep_dir": str(folder)})
-        (folder / STATE).write_json(state)
+        stopped = state.setdefault("stopped_trials", {})  # a stopped trial's child run, by trial name
         for trial in sweep["trials"]:
             run = Location.of(trial["run"])
             if (run / "result.json").exists():
                 self.record(run, parent=parent)
                 continue
-            trial_state = self._state(run) if run.exists() else {"tracking_uri": self.uri}
-            if not trial_state.get("run_id"):
-                child = self._open(trial_state, trial["name"], trial["params"],
-                                   {"mlflow.parentRunId": parent, "mnist_dist.status": trial["status"]})
-                if trial["best_val_accuracy"] is not None:
-                    self.client.log_metric(child, "best_val_accuracy", trial["best_val_accuracy"], step=trial["epochs"])
-                self.client.set_terminated(child, "KILLED" if trial["status"] == "stopped early" else "FAILED")
-                if run.exists():
-                    (run / STATE).write_json(trial_state)
+            if trial["name"] in stopped:
+                continue
+            child = self._open({"tracking_uri": self.uri}, None, trial["name"], trial["params"],
+                               {"mlflow.parentRunId": parent, "mnist_dist.status": trial["status"]})
+            stopped[trial["name"]] = child
+            (folder / STATE).write_json(state)
+            if trial["best_val_accuracy"] is not None:
+                self.client.log_metric(child, "best_val_accuracy", trial["best_val_accuracy"], step=trial["epochs"])
+            self.client.set_terminated(child, "KILLED" if trial["status"] == "stopped early" else "FAILED")
         best = sweep.get("best")
         if best and state.get("best_trial") != best["name"]:
             self.client.log_metric(parent, "best_val_accuracy", best["best_val_accuracy"])
@@ -182,14 +196,18 @@ class Tracker:
             return None
         state = self._state(run)
         digest = report["fp32"]["sha256"]
-        if digest in state.get("versions", {}):
-            version = state["versions"][digest]
+        key = f"{self.model_name}@{digest}"
+        if key in state.get("versions", {}):
+            version = state["versions"][key]
             self.log(f"mlflow: this export is already {self.model_name} version {version}")
             return version
         run_id = state.get("run_id") or self.record(run)
         state = self._state(run)
+        # Each export in a folder of its own: a later export of the run (trained on) must not
+        # replace the files of a version already registered.
+        folder = f"export/{digest[:12]}"
         with export_dir.local_copy() as local:
-            self.client.log_artifacts(run_id, str(local), artifact_path="export")
+            self.client.log_artifacts(run_id, str(local), artifact_path=folder)
             description = (local / "report.md").read_text() if (local / "report.md").exists() else ""
         from mlflow.exceptions import MlflowException
 
@@ -198,16 +216,18 @@ class Tracker:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = self.client.create_model_version(self.model_name, f"runs:/{run_id}/export", run_id=run_id,
-                                                   tags=verification_tags(report),
-                                                   description=description).version
-        state.setdefault("versions", {})[digest] = version
+        version = self.client.create_model_version(self.model_name, f"runs:/{run_id}/{folder}", run_id=run_id,
+                                                   tags=verification_tags(report), description=description).version
+        state.setdefault("versions", {})[key] = version
         (run / STATE).write_json(state)
         self.log(f"mlflow: registered {self.model_name} version {version} (models:/{self.model_name}/{version})")
         return version
 
     def fetch(self, model_uri: str, into: Path) -> Path:
-        """The files of a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`), in `into`."""
+        """The files of a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`), in
+        `into`, checked against the fp32 SHA-256 the version was registered with."""
+        import hashlib
+
         import mlflow
         from mlflow.artifacts import download_artifacts
 
@@ -215,11 +235,21 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         try:
-            return Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into), tracking_uri=self.uri,
-                                           registry_uri=self.uri))
+            local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into), tracking_uri=self.uri,
+                                            registry_uri=self.uri))
+            name, _, rest = model_uri.removeprefix("models:/").partition("/")
+            name, _, alias = name.partition("@")
+            version = (self.client.get_model_version_by_alias(name, alias) if alias
+                       else self.client.get_model_version(name, rest))
         except Exception as exc:
             raise ConfigError(f"--model {model_uri}: MLflow at {self.uri} cannot give it ({_first_line(exc)}). "
                               "Fix: a registered model's version or alias, as the MLflow UI lists them") from None
+        expected = version.tags.get("fp32.sha256")
+        model = local / "model.onnx"
+        if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != expected:
+            raise RunError(f"--model {model_uri}: the files MLflow gave are not the export registered as that version "
+                           "(model.onnx missing, or not the SHA-256 of its tag fp32.sha256). Fix: register the export again")
+        return local
 
 
 def verification_tags(report: dict[str, Any]) -> dict[str, str]:

@@ -410,8 +410,9 @@ def test_the_network_policies_let_in_only_the_jobs_own_traffic(rendered):
     assert allowed(docs, "out", worker, None, 443) == bucket, name
     assert allowed(docs, "out", head, None, 443) == (bucket or elastic(rayjob)), name
     assert not allowed(docs, "out", worker, None, 80) and not allowed(docs, "out", submitter, None, 443)
-    # And to an MLflow server only where the pods are told one.
+    # And to an MLflow server only where the pods are told one, and from the head alone (the driver logs).
     assert allowed(docs, "out", head, None, 5000) == ("MLFLOW_TRACKING_URI" in settings(by_kind)), name
+    assert not allowed(docs, "out", worker, None, 5000)
     # The KubeRay operator polls the job on the head's dashboard, from the namespace the README installs it in.
     (dashboard,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-dashboard")]
     operator = [q for rule in dashboard["spec"]["ingress"] for q in rule["from"] if "namespaceSelector" in q]
@@ -567,6 +568,9 @@ def test_the_entrypoint_runs_the_jobs_script_with_every_setting_as_a_real_flag(r
         export = build_parser().parse_args(commands_of("tune.sh", {**config, "MNIST_EXPORT_ARGS": "--max-int8-drop 0.2"},
                                                        tmp_path)[1][2:])
         assert (export.from_tune, export.storage, export.max_int8_drop) == (config["MNIST_RUN_NAME"], config["MNIST_STORAGE"], 0.2)
+        refused = subprocess.run(["bash", str(ROOT / "jobs" / "tune.sh"), "--epochs", "3"], capture_output=True, text=True,
+                                 timeout=30, env={"PATH": f"{tmp_path}:/usr/bin:/bin", **config})
+        assert refused.returncode == 2 and refused.stderr.startswith("error: jobs/tune.sh takes no arguments")
 
 
 def test_storage_is_the_mounted_volume_or_the_object_store(rendered):

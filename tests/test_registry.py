@@ -82,8 +82,10 @@ def test_a_pipeline_registers_its_verified_export_and_predict_pulls_it(mlflow_se
     assert "must be 0" in version.tags["rule.fp32_argmax_agreement"]
     assert version.description == (storage / "reg" / "export" / "report.md").read_text()
     print(f"\nMLflow lists digits version {version.version}: source {version.source}, status {version.status}, tags {version.tags}")
-    files = {f.path for f in client.list_artifacts(run.info.run_id, "export")}
-    assert {"export/model.onnx", "export/model.int8.onnx", "export/report.json", "export/report.md"} <= files
+    folder = f"export/{report['fp32']['sha256'][:12]}"  # each export in a folder of its own
+    assert version.source == f"runs:/{run.info.run_id}/{folder}"
+    files = {f.path for f in client.list_artifacts(run.info.run_id, folder)}
+    assert {f"{folder}/{name}" for name in ("model.onnx", "model.int8.onnx", "report.json", "report.md")} <= files
 
     # A device pulls the version by name and classifies with it, as with a local export.
     from mnist_edge import idx
@@ -99,7 +101,9 @@ def test_a_pipeline_registers_its_verified_export_and_predict_pulls_it(mlflow_se
     again = run_cli(*PIPELINE, "--storage", storage, "--name", "reg", "--mlflow", mlflow_server, "--mlflow-model", "digits")
     assert again.returncode == 0 and "already digits version 1" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(client.search_model_versions("name='digits'")) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 1
 
 
 @pytest.mark.slow  # trains and exports
@@ -172,8 +176,61 @@ def test_the_verification_figures_become_the_versions_tags():
     assert all(isinstance(v, str) for v in tags.values())  # MLflow's tags are strings
 
 
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory):
+    """One server with its artifacts in a folder, for the tests that log files of their own making."""
+    home = tmp_path_factory.mktemp("mlflow")
+    uri, server = start_server(home, str(home / "artifacts"), {})
+    try:
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def fake_export(folder, model: bytes):
+    """An export's files, and its report, as far as the registry reads them."""
+    import hashlib
+
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(model)
+    (folder / "report.md").write_text(f"# export of {model!r}\n")
+    figures = {"ort_accuracy": 0.99, "sha256": hashlib.sha256(model).hexdigest(), "size_bytes": len(model),
+               "argmax_disagreements": 0, "max_abs_logit_diff": 1e-6}
+    return {"verified": True, "checkpoint": "checkpoint_epoch001", "model": "lenet5", "test_images": 10000, "rules": [],
+            "fp32": figures, "int8": figures}
+
+
 @pytest.mark.slow  # a server
-def test_a_sweep_is_one_run_with_a_child_per_trial_and_is_logged_once(tmp_path):
+def test_a_later_export_of_the_run_is_a_new_version_and_leaves_the_first_ones_files(local_server, tmp_path):
+    from mnist_dist import tracking
+    from mnist_dist.errors import RunError
+    from mnist_dist.store import Location
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"config": {"model": "lenet5"}, "epochs_completed": 1,
+                                                 "history": [{"epoch": 1, "val_accuracy": 0.9, "finished_at": 1.8e9}]}))
+    tracker = tracking.Tracker(local_server, "versions", log=lambda _: None)
+    first = tracker.register(Location.of(run), Location.of(tmp_path / "one"), fake_export(tmp_path / "one", b"first"))
+    second = tracker.register(Location.of(run), Location.of(tmp_path / "two"), fake_export(tmp_path / "two", b"second"))
+    assert (first, second) == ("1", "2")
+    assert tracker.register(Location.of(run), Location.of(tmp_path / "two"), fake_export(tmp_path / "again", b"second")) == "2"
+    assert (tracker.fetch("models:/versions/1", tmp_path / "pulled-1") / "model.onnx").read_bytes() == b"first"
+    assert (tracker.fetch("models:/versions/2", tmp_path / "pulled-2") / "model.onnx").read_bytes() == b"second"
+    # Under another model name, the same export is a version of that model.
+    assert tracking.Tracker(local_server, "other", log=lambda _: None).register(
+        Location.of(run), Location.of(tmp_path / "one"), fake_export(tmp_path / "three", b"first")) == "1"
+    # Files that are not the registered export (replaced by hand in the store) are refused.
+    from mlflow import MlflowClient
+
+    MlflowClient(local_server).set_model_version_tag("versions", "1", "fp32.sha256", "0" * 64)
+    with pytest.raises(RunError, match="not the export registered as that version"):
+        tracker.fetch("models:/versions/1", tmp_path / "pulled-3")
+
+
+@pytest.mark.slow  # a server
+def test_a_sweep_is_one_run_with_a_child_per_trial_and_is_logged_once(local_server, tmp_path):
     """The sweep's record from its files (no Ray here): a finished trial with its epochs, one
     ASHA stopped with what it reached; logged again, nothing doubles."""
     from mlflow import MlflowClient
@@ -188,27 +245,25 @@ def test_a_sweep_is_one_run_with_a_child_per_trial_and_is_logged_once(tmp_path):
         {"config": {"learning_rate": 0.05, "model": "lenet5"}, "history": history, "epochs_completed": 2,
          "test_accuracy": 0.69, "test_loss": 0.9, "best_val_accuracy": 0.7, "best_epoch": 2}))
     (folder / "trial-00001").mkdir()
-    record = {"status": "finished", "sweep": {"space": {"learning_rate": {"choices": [0.05, 0.0005]}}},
+    record = {"status": "finished", "sweep": {"space": {"learning_rate": {"choices": [0.05, 0.0005, 0.5]}}},
               "base": {"epochs": 2, "model": "lenet5"}, "metric": "val_accuracy",
               "trials": [{"name": "trial-00000", "params": {"learning_rate": 0.05}, "status": "finished", "epochs": 2,
                           "best_val_accuracy": 0.7, "run": str(folder / "trial-00000")},
                          {"name": "trial-00001", "params": {"learning_rate": 0.0005}, "status": "stopped early", "epochs": 1,
-                          "best_val_accuracy": 0.1, "run": str(folder / "trial-00001")}],
+                          "best_val_accuracy": 0.1, "run": str(folder / "trial-00001")},
+                         {"name": "trial-00002", "params": {"learning_rate": 0.5}, "status": "error", "epochs": 0,
+                          "best_val_accuracy": None, "run": str(folder / "trial-00002")}],
               "best": {"name": "trial-00000", "best_val_accuracy": 0.7}}
-    uri, server = start_server(tmp_path, str(tmp_path / "artifacts"), {})
-    try:
-        tracker = tracking.Tracker(uri, log=lambda _: None)
-        parent = tracker.record_sweep(Location.of(folder), record)
-        assert tracker.record_sweep(Location.of(folder), record) == parent  # again: the same run, nothing new
-        client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("mnist-dist").experiment_id])
-        children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
-        assert len(runs) == 3 and set(children) == {"trial-00000", "trial-00001"}
-        assert client.get_run(parent).data.tags["mnist_dist.best_trial"] == "trial-00000"
-        finished, stopped = children["trial-00000"], children["trial-00001"]
-        assert [m.step for m in client.get_metric_history(finished.info.run_id, "val_accuracy")] == [1, 2]
-        assert finished.data.metrics["test_accuracy"] == 0.69 and finished.data.params["learning_rate"] == "0.05"
-        assert stopped.info.status == "KILLED" and stopped.data.metrics["best_val_accuracy"] == 0.1
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    tracker = tracking.Tracker(local_server, log=lambda _: None)
+    parent = tracker.record_sweep(Location.of(folder), record)
+    assert tracker.record_sweep(Location.of(folder), record) == parent  # again: the same run, nothing new
+    client = MlflowClient(local_server)
+    runs = client.search_runs([client.get_experiment_by_name("mnist-dist").experiment_id])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert [r.info.run_name for r in runs].count("lr") == 1 and len(children) == 3, [r.info.run_name for r in runs]
+    assert client.get_run(parent).data.tags["mnist_dist.best_trial"] == "trial-00000"
+    finished, stopped, failed = children["trial-00000"], children["trial-00001"], children["trial-00002"]
+    assert [m.step for m in client.get_metric_history(finished.info.run_id, "val_accuracy")] == [1, 2]
+    assert finished.data.metrics["test_accuracy"] == 0.69 and finished.data.params["learning_rate"] == "0.05"
+    assert stopped.info.status == "KILLED" and stopped.data.metrics["best_val_accuracy"] == 0.1
+    assert failed.info.status == "FAILED"  # a trial that left no folder is on record too, once

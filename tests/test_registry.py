@@ -41,7 +41,8 @@ def start_server(tmp_path, artifacts: str, env: dict) -> tuple[str, subprocess.P
 
 @pytest.fixture(params=["local", "s3"])
 def mlflow_server(request, tmp_path):
-    """(tracking URI) of a fresh server; its artifacts in a folder, or in the S3 test server's bucket."""
+    """(tracking URI, artifacts destination) of a fresh server; its artifacts in a folder, or in
+    the S3 test server's bucket."""
     env = {}
     if request.param == "s3":
         endpoint, _ = request.getfixturevalue("s3")
@@ -51,7 +52,7 @@ def mlflow_server(request, tmp_path):
         artifacts = str(tmp_path / "artifacts")
     uri, server = start_server(tmp_path, artifacts, env)
     try:
-        yield uri
+        yield uri, artifacts
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -61,6 +62,7 @@ def mlflow_server(request, tmp_path):
 def test_a_pipeline_registers_its_verified_export_and_predict_pulls_it(mlflow_server, tmp_path, mnist_dir):
     from mlflow import MlflowClient
 
+    mlflow_server, artifacts = mlflow_server
     storage = tmp_path / "runs"
     proc = run_cli(*PIPELINE, "--storage", storage, "--name", "reg", "--mlflow", mlflow_server, "--mlflow-model", "digits")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -86,6 +88,13 @@ def test_a_pipeline_registers_its_verified_export_and_predict_pulls_it(mlflow_se
     assert version.source == f"runs:/{run.info.run_id}/{folder}"
     files = {f.path for f in client.list_artifacts(run.info.run_id, folder)}
     assert {f"{folder}/{name}" for name in ("model.onnx", "model.int8.onnx", "report.json", "report.md")} <= files
+    if artifacts.startswith("s3://"):  # where the server keeps them: the bucket
+        from conftest import bucket_keys
+
+        stored = bucket_keys(artifacts.split("/", 3)[3] + "/")
+        assert any(key.endswith(f"{folder}/model.onnx") for key in stored), stored[:20]
+    else:
+        assert list((tmp_path / "artifacts").rglob(f"{folder}/model.onnx"))
 
     # A device pulls the version by name and classifies with it, as with a local export.
     from mnist_edge import idx

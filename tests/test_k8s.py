@@ -52,7 +52,7 @@ SCRATCH = {
     "tune-mlflow": ("../tune", [], ["../../components/mlflow"]),
 }
 # And the README's own examples, as written there: "big" (4 workers x 4 CPUs) and "options".
-README_OVERLAYS = ["big", "options", "readme-gpu-gke"]
+README_OVERLAYS = ["big", "options", "readme-gpu-gke", "readme-mlflow"]
 KUEUE = {"kueue", "options"}
 # The overlays pin both images by digest (placeholders for the digests `docker push` prints).
 CPU_IMAGE = "registry.example.com/mnist-dist@sha256:" + "0" * 64
@@ -119,7 +119,9 @@ def elastic(rayjob) -> bool:
 def test_every_overlay_renders_the_expected_objects(rendered):
     _name, by_kind, docs = rendered
     # No PersistentVolumeClaim: the runs' volume is k8s/storage, so deleting a job never deletes the runs.
-    expected = ["ConfigMap", *["NetworkPolicy"] * (4 if elastic(by_kind["RayJob"]) else 3), "RayJob", "ServiceAccount"]
+    # One more NetworkPolicy for the autoscaler of an elastic group, and one for the head's way to MLflow.
+    policies = 3 + elastic(by_kind["RayJob"]) + ("MLFLOW_TRACKING_URI" in settings(by_kind))
+    expected = ["ConfigMap", *["NetworkPolicy"] * policies, "RayJob", "ServiceAccount"]
     assert sorted(doc["kind"] for doc in docs) == expected
 
 

@@ -294,8 +294,12 @@ def test_a_sweep_on_the_cluster_whose_driver_is_killed_resumes_and_finishes(clus
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        wait_for(lambda: driver.poll() is None and any(storage.glob("s/trial-*/checkpoint_epoch001")),
-                 "a trial's first checkpoint", 300, lambda: (tmp_path / "first.log").read_text())
+        # A good trial's first checkpoint, taken in by Ray Train: ASHA goes on with it, so the
+        # resumed sweep restarts it, and its run resumes from that checkpoint. (A poor trial
+        # ASHA has stopped is not restarted.)
+        snapshot = storage / "s" / "trial-00000" / "checkpoint_manager_snapshot.json"
+        wait_for(lambda: driver.poll() is None and snapshot.exists() and "checkpoint_epoch001" in snapshot.read_text(),
+                 "the first checkpoint of trial-00000 (lr 0.05)", 300, lambda: (tmp_path / "first.log").read_text())
         driver.kill()  # SIGKILL: Ray ends the driver's job, its trials and their runs
         driver.wait(timeout=60)
     finally:

@@ -315,3 +315,9 @@ def test_a_sweep_on_the_cluster_whose_driver_is_killed_resumes_and_finishes(clus
     assert record["best"]["params"]["learning_rate"] == 0.05 and record["best"]["epochs"] == 3
     best = json.loads((storage / "s" / record["best"]["name"] / "result.json").read_text())
     assert [h["epoch"] for h in best["history"]] == [1, 2, 3]
+    # The best trial's best checkpoint, exported and verified on the cluster's nodes' files.
+    exported = subprocess.run([sys.executable, "-m", "mnist_dist.cli", "pipeline", "--storage", str(storage), "--from-tune", "s",
+                               "--max-int8-drop", "5"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+    report = json.loads((storage / "s" / record["best"]["name"] / "export" / "report.json").read_text())
+    assert report["verified"] is True and report["checkpoint"] == Path(best["best_checkpoint"]).name

@@ -122,3 +122,32 @@ def test_a_sweep_of_four_trials_with_asha_records_each_and_exports_the_best(tmp_
     exported = run_cli("pipeline", *common, "--from-tune", "s", "--max-int8-drop", "5", cwd=tmp_path)
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
     assert json.loads((run / "export" / "report.json").read_text())["verified"] is True
+
+
+@pytest.mark.slow  # starts Ray and trains
+def test_a_sweep_in_a_bucket_lands_there_whole_and_its_best_trial_exports_there(s3, tmp_path):
+    """The sweep's folder in the S3 test server: tune.json, each trial's run and Tune's state;
+    nothing in the working directory; run again, nothing runs; its best trial exported there."""
+    import boto3
+
+    from conftest import BUCKET
+
+    _endpoint, env = s3
+    args = ("--preset", "smoke", "--workers", "1", "--epochs", "1", "--train-limit", "1024", "--val-size", "500",
+            "--storage", f"s3://{BUCKET}/sweeps", "--name", "s")
+    proc = run_cli("tune", *args, "--space", "lr=0.05,0.0005", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+    def read(key):
+        return json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    record = read("sweeps/s/tune.json")
+    assert record["status"] == "finished" and record["best"]["name"] == "trial-00000", record
+    assert [t["name"] for t in record["trials"]] == ["trial-00000", "trial-00001"]
+    assert read("sweeps/s/trial-00000/result.json")["epochs_completed"] == 1
+    again = run_cli("tune", *args, "--space", "lr=0.05,0.0005", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "is finished: nothing to run" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    exported = run_cli("pipeline", "--storage", f"s3://{BUCKET}/sweeps", "--from-tune", "s", "--max-int8-drop", "5",
+                       env=env, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+    assert read("sweeps/s/trial-00000/export/report.json")["verified"] is True

@@ -45,3 +45,19 @@ def test_the_clock_counts_from_the_start_it_is_given():
     import re
 
     assert re.fullmatch(r"\[ 12\.\d s\] loading MNIST \.\.\.", Clock(time.time() - 12.3).line("loading MNIST ..."))
+
+
+def test_nodes_get_30_s_to_join_or_the_seconds_set_and_a_bad_setting_is_one_line(monkeypatch):
+    import pytest
+
+    from mnist_dist import launcher
+    from mnist_dist.errors import RunError
+
+    monkeypatch.delenv(launcher.JOIN_WAIT_ENV, raising=False)
+    assert launcher.join_wait_seconds() == 30
+    monkeypatch.setenv(launcher.JOIN_WAIT_ENV, "90")
+    assert launcher.join_wait_seconds() == 90
+    for bad in ("soon", "-1", "inf", "nan"):
+        monkeypatch.setenv(launcher.JOIN_WAIT_ENV, bad)
+        with pytest.raises(RunError, match=rf"^MNIST_DIST_JOIN_WAIT_S='{bad}' is not a number of seconds\. Fix: "):
+            launcher.join_wait_seconds()

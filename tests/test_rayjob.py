@@ -97,8 +97,9 @@ def test_the_tune_overlay_sweeps_on_the_workers_and_exports_the_best_trial(tmp_p
 
 # An overlay that changes the settings and forgets the wiring: the RayJob keeps the base's
 # 2 workers of 2 CPUs, while the pipeline asks Ray for 3 of 2.
-FORGOT_THE_WIRING = user_overlay(["MNIST_WORKERS=3", "MNIST_CPUS_PER_WORKER=2", "MNIST_EPOCHS=1", "MNIST_PRESET=smoke"],
-                                 wiring=False)
+# Nodes get 5 s to join instead of 30 (launcher.JOIN_WAIT_ENV): no node joins here.
+FORGOT_THE_WIRING = user_overlay(["MNIST_WORKERS=3", "MNIST_CPUS_PER_WORKER=2", "MNIST_EPOCHS=1", "MNIST_PRESET=smoke",
+                                  "MNIST_DIST_JOIN_WAIT_S=5"], wiring=False)
 
 
 def test_a_forgotten_wiring_fails_within_a_minute_in_one_line(tmp_path, mnist_dir):
@@ -111,7 +112,7 @@ def test_a_forgotten_wiring_fails_within_a_minute_in_one_line(tmp_path, mnist_di
     assert status == "FAILED", logs[-3000:]
     # One error line (the submitter prints the job's log again each time its pod is retried),
     # after the start-up line that said it would wait for nodes to join.
-    waited = [line for line in logs.splitlines() if "waiting up to 30 s for more nodes to join" in line]
+    waited = [line for line in logs.splitlines() if "waiting up to 5 s for more nodes to join" in line]
     assert waited and re.match(r"\[ *\d+\.\d s\] the cluster's nodes cannot hold the workers yet", waited[0]), logs[-3000:]
     (line,) = {line for line in logs.splitlines() if "workers asked for" in line and line not in waited}
     assert "place 2 of the 3 workers asked for (3 workers x 2 CPUs = 6 CPUs); its nodes have 4 CPUs in all" in line

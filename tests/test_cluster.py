@@ -100,6 +100,9 @@ def test_a_job_on_two_worker_nodes_survives_losing_a_whole_node(cluster, tmp_pat
     assert [(r["reason"], r["workers"]) for r in result["resizes"]] == [("start", 2), ("failure", 2)], result["resizes"]
     assert result["lost_steps"] >= 0
     assert json.loads((run_dir / "export" / "report.json").read_text())["verified"] is True
+    assert "verified export written to" in logs
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (run_dir / best["checkpoint"] / "state.json").is_file()
     for checkpoint in sorted(run_dir.glob("checkpoint_epoch*")):  # the replicas stayed identical across the restart
         digests = {json.loads(p.read_text())["weights_sha256"] for p in checkpoint.glob("replica-*.json")}
         assert len(digests) == 1, checkpoint

@@ -1,4 +1,5 @@
-"""`ray job submit` against a real local cluster (`ray start --head` on 127.0.0.1)."""
+"""A real local cluster (`ray start --head` on 127.0.0.1) beside the embedded local Ray. `ray job submit`
+of jobs/pipeline.sh runs on the multi-node cluster of tests/test_cluster.py."""
 import contextlib
 import json
 import os
@@ -12,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,38 +64,6 @@ def cluster():
     finally:
         stop_cluster(temp_dir, env)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_submitted_pipeline_trains_exports_and_succeeds(cluster, tmp_path, mnist_dir):
-    address, env = cluster
-    runtime_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"]["MNIST_DATA_DIR"] = str(mnist_dir)
-    runtime_env["env_vars"]["MNIST_STORAGE"] = str(tmp_path / "runs")
-    (tmp_path / "env.yaml").write_text(yaml.safe_dump(runtime_env))
-    job_id = "mnist_test_job"
-    for _attempt in range(30):  # the job agent comes up a few seconds after `ray start` returns
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--no-wait", "--address", address, "--submission-id", job_id,
-             "--runtime-env", str(tmp_path / "env.yaml"), "--",
-             "bash", "jobs/pipeline.sh", "--preset", "smoke", "--epochs", "2", "--name", "job",
-             # A 2-epoch smoke net is too weak for the 0.1 pp int8 gate (tests/test_export.py covers it).
-             "--max-int8-drop", "5"],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-        if "No available agent" not in submit.stderr + submit.stdout:
-            break
-        time.sleep(2)
-    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
-    logs = subprocess.run([RAY, "job", "logs", "--follow", "--address", address, job_id],
-                          capture_output=True, text=True, env=env, timeout=600)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    status = JobSubmissionClient(address).get_job_status(job_id)
-    assert status == JobStatus.SUCCEEDED, logs.stdout[-4000:]
-    run_dir = tmp_path / "runs" / "job"
-    best = json.loads((run_dir / "best.json").read_text())
-    assert (run_dir / best["checkpoint"] / "state.json").is_file()
-    assert json.loads((run_dir / "export" / "report.json").read_text())["verified"] is True
-    assert "verified export written to" in logs.stdout
 
 
 def test_the_embedded_ray_starts_its_own_beside_a_running_cluster(cluster, tmp_path):

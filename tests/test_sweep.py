@@ -1,5 +1,6 @@
 """`mnist-dist tune` (mnist_dist.sweep): the space's rules in this process, and a real ASHA sweep
-of Ray Train runs on the embedded local Ray, its re-run, and the export of its best trial."""
+of Ray Train runs on the embedded local Ray into the S3 test server, its re-run, and the export
+of its best trial."""
 import json
 
 import pytest
@@ -91,17 +92,29 @@ def test_the_best_trials_config_is_the_base_with_its_values_in_the_sweeps_folder
     assert (config.storage, config.name) == (str(tmp_path / "s"), "trial-00002")
 
 
-@pytest.mark.slow
-def test_a_sweep_of_four_trials_with_asha_records_each_and_exports_the_best(tmp_path, mnist_dir):
+@pytest.mark.slow  # starts Ray and trains
+def test_a_sweep_of_four_trials_with_asha_in_a_bucket_records_each_and_exports_the_best(s3, tmp_path):
+    """On the embedded local Ray, into the S3 test server: tune.json, each trial's run and Tune's
+    state in the bucket, nothing in the working directory; run again, nothing runs; the best
+    trial exported there. (A sweep into a local folder: tests/test_cluster.py, test_rayjob.py.)"""
+    import boto3
+
+    from conftest import BUCKET
+
+    _endpoint, env = s3
     common = ["--preset", "smoke", "--workers", "1", "--epochs", "3", "--train-limit", "1024", "--val-size", "500",
-              "--eval-every", "16", "--storage", "sweeps"]
+              "--eval-every", "16", "--storage", f"s3://{BUCKET}/sweeps"]
     args = ["tune", *common, "--name", "s", "--space", "lr=0.05,0.0005", "--space", "batch-size=32,64"]
-    proc = run_cli(*args, cwd=tmp_path, timeout=900)
+    proc = run_cli(*args, env=env, cwd=tmp_path, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    record = json.loads((tmp_path / "sweeps" / "s" / sweep.TUNE_FILE).read_text())
+    assert list(tmp_path.iterdir()) == []
+
+    def read(key):
+        return json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=f"sweeps/s/{key}")["Body"].read())
+    record = read(sweep.TUNE_FILE)
     trials = record["trials"]
-    assert [t["name"] for t in trials] == [f"trial-{i:05d}" for i in range(4)]
+    assert record["status"] == "finished" and [t["name"] for t in trials] == [f"trial-{i:05d}" for i in range(4)]
     assert sorted((t["params"]["learning_rate"], t["params"]["batch_size"]) for t in trials) == [
         (0.0005, 32), (0.0005, 64), (0.05, 32), (0.05, 64)]
     assert all(t["status"] in ("finished", "stopped early") for t in trials), trials
@@ -109,45 +122,16 @@ def test_a_sweep_of_four_trials_with_asha_records_each_and_exports_the_best(tmp_
     best = record["best"]
     assert best["status"] == "finished" and best["params"]["learning_rate"] == 0.05, trials
     assert best["best_val_accuracy"] == max(t["best_val_accuracy"] for t in trials if t["epochs"] == 3)
-    run = tmp_path / "sweeps" / "s" / best["name"]
-    result = json.loads((run / "result.json").read_text())  # each trial is a run of its own
+    result = read(f"{best['name']}/result.json")  # each trial is a run of its own
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3] and best["test_accuracy"] == result["test_accuracy"]
     assert f"best: {best['name']} (learning_rate=0.05, batch_size=" in out
 
-    again = run_cli(*args, cwd=tmp_path)  # finished: nothing to run
+    again = run_cli(*args, env=env, cwd=tmp_path)  # finished: nothing to run
     assert again.returncode == 0 and "is finished: nothing to run" in again.stdout, again.stdout + again.stderr
-    other = run_cli("tune", *common, "--name", "s", "--space", "lr=0.01,0.05", cwd=tmp_path)
+    other = run_cli("tune", *common, "--name", "s", "--space", "lr=0.01,0.05", env=env, cwd=tmp_path)
     assert other.returncode == 2 and "a sweep of another space or other train options is there" in other.stderr
 
-    exported = run_cli("pipeline", *common, "--from-tune", "s", "--max-int8-drop", "5", cwd=tmp_path)
+    exported = run_cli("pipeline", *common, "--from-tune", "s", "--max-int8-drop", "5", env=env, cwd=tmp_path)
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
-    assert json.loads((run / "export" / "report.json").read_text())["verified"] is True
-
-
-@pytest.mark.slow  # starts Ray and trains
-def test_a_sweep_in_a_bucket_lands_there_whole_and_its_best_trial_exports_there(s3, tmp_path):
-    """The sweep's folder in the S3 test server: tune.json, each trial's run and Tune's state;
-    nothing in the working directory; run again, nothing runs; its best trial exported there."""
-    import boto3
-
-    from conftest import BUCKET
-
-    _endpoint, env = s3
-    args = ("--preset", "smoke", "--workers", "1", "--epochs", "1", "--train-limit", "1024", "--val-size", "500",
-            "--storage", f"s3://{BUCKET}/sweeps", "--name", "s")
-    proc = run_cli("tune", *args, "--space", "lr=0.05,0.0005", env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert read(f"{best['name']}/export/report.json")["verified"] is True
     assert list(tmp_path.iterdir()) == []
-
-    def read(key):
-        return json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read())
-    record = read("sweeps/s/tune.json")
-    assert record["status"] == "finished" and record["best"]["name"] == "trial-00000", record
-    assert [t["name"] for t in record["trials"]] == ["trial-00000", "trial-00001"]
-    assert read("sweeps/s/trial-00000/result.json")["epochs_completed"] == 1
-    again = run_cli("tune", *args, "--space", "lr=0.05,0.0005", env=env, cwd=tmp_path)
-    assert again.returncode == 0 and "is finished: nothing to run" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
-    exported = run_cli("pipeline", "--storage", f"s3://{BUCKET}/sweeps", "--from-tune", "s", "--max-int8-drop", "5",
-                       env=env, cwd=tmp_path)
-    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
-    assert read("sweeps/s/trial-00000/export/report.json")["verified"] is True

@@ -49,15 +49,14 @@ def can_unshare_mounts() -> bool:
         ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode == 0
 
 
+# In one process: Ray Train's own storage path (a worker's checkpoint persisted through Ray)
+# fails under the bucket test below, whose run is on Ray.
 @pytest.mark.skipif(not can_unshare_mounts(), reason="this machine gives no mount namespace (unshare --mount)")
-@pytest.mark.parametrize("where", ["ray", "in-process"])
-def test_a_local_run_whose_folder_turns_read_only_stops_in_one_line_and_resumes(where, tmp_path, mnist_dir):
+def test_a_local_run_whose_folder_turns_read_only_stops_in_one_line_and_resumes(tmp_path, mnist_dir):
     runs = tmp_path / "runs"
     runs.mkdir()
-    extra = ["--in-process"] if where == "in-process" else []
-    # Committed: in Ray Train's snapshot, or in one process once the checkpoint's state.json is in place.
-    committed = (f"grep -qs checkpoint_epoch001 {runs}/r/checkpoint_manager_snapshot.json" if where == "ray"
-                 else f"test -e {runs}/r/checkpoint_epoch001/state.json")
+    extra = ["--in-process"]
+    committed = f"test -e {runs}/r/checkpoint_epoch001/state.json"  # in one process: once its state.json is in place
     # In a mount namespace of its own, the run's folder is a bind mount of itself; once the
     # first epoch's checkpoint is committed it is replaced by a read-only view of the same
     # folder (files already open stay writable, as on a disk remounted read-only under a

@@ -228,22 +228,25 @@ class Tracker:
         `into`, checked against the fp32 SHA-256 the version was registered with."""
         import hashlib
 
-        import mlflow
-        from mlflow.artifacts import download_artifacts
-
-        # MLflow resolves models:/ with its global registry URI, whatever the call is given.
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
+        # Through this client alone: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI
+        # in os.environ, for every later command of a process that uses this as a library.
+        name, _, rest = model_uri.removeprefix("models:/").partition("/")
+        name, _, alias = name.partition("@")
         try:
-            local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into), tracking_uri=self.uri,
-                                            registry_uri=self.uri))
-            name, _, rest = model_uri.removeprefix("models:/").partition("/")
-            name, _, alias = name.partition("@")
             version = (self.client.get_model_version_by_alias(name, alias) if alias
                        else self.client.get_model_version(name, rest))
         except Exception as exc:
             raise ConfigError(f"--model {model_uri}: MLflow at {self.uri} cannot give it ({_first_line(exc)}). "
                               "Fix: a registered model's version or alias, as the MLflow UI lists them") from None
+        prefix = f"runs:/{version.run_id}/"
+        if not version.source.startswith(prefix):
+            raise RunError(f"--model {model_uri}: its files are at {version.source}, not in a run's artifacts as "
+                           "`mnist-dist pipeline --mlflow` registers an export. Fix: a version that pipeline registered")
+        try:
+            local = Path(self.client.download_artifacts(version.run_id, version.source[len(prefix):], str(into)))
+        except Exception as exc:
+            raise RunError(f"--model {model_uri}: MLflow at {self.uri} cannot give its files ({_first_line(exc)}). "
+                           "Fix: check that the server reaches its artifact store, then run the same command again") from None
         expected = version.tags.get("fp32.sha256")
         model = local / "model.onnx"
         if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != expected:

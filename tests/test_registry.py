@@ -39,6 +39,15 @@ def start_server(tmp_path, artifacts: str, env: dict) -> tuple[str, subprocess.P
         time.sleep(0.5)
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_setting_left_behind():
+    """The Tracker works through its own client: MLflow's global setters would leave
+    MLFLOW_TRACKING_URI in os.environ, and every later command would log to that server."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == before
+
+
 @pytest.fixture
 def mlflow_server(s3, tmp_path):
     """(tracking URI, artifacts destination) of a fresh server with its artifacts in the S3 test

@@ -125,6 +125,8 @@ def test_a_sweep_of_four_trials_with_asha_in_a_bucket_records_each_and_exports_t
     result = read(f"{best['name']}/result.json")  # each trial is a run of its own
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3] and best["test_accuracy"] == result["test_accuracy"]
     assert f"best: {best['name']} (learning_rate=0.05, batch_size=" in out
+    table = out[out.index("\ntrial "):].splitlines()[1:7]  # the sweep's own table and its best line
+    print("\n" + "\n".join(table))
 
     again = run_cli(*args, env=env, cwd=tmp_path)  # finished: nothing to run
     assert again.returncode == 0 and "is finished: nothing to run" in again.stdout, again.stdout + again.stderr

@@ -74,27 +74,6 @@ def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(
 
 
 # A tiny sweep on overlays/tune: two 1-epoch trials of 1 worker, side by side on the 2 worker pods.
-TINY_SWEEP = user_overlay(["MNIST_WORKERS=2", "MNIST_CPUS_PER_WORKER=1", "MNIST_MEMORY_PER_WORKER=2Gi", "MNIST_EPOCHS=1",
-                           "MNIST_PRESET=smoke", "MNIST_TRIAL_WORKERS=1", "MNIST_TUNE_SPACE=lr=0.05,0.0005",
-                           "MNIST_EXTRA_ARGS=--train-limit 1024 --val-size 512", "MNIST_EXPORT_ARGS=--max-int8-drop 5"],
-                          on="tune")
-
-
-def test_the_tune_overlay_sweeps_on_the_workers_and_exports_the_best_trial(tmp_path, mnist_dir):
-    docs = render_overlay(tmp_path, "tiny-sweep", TINY_SWEEP)
-    settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    with LocalRayJob(docs, ROOT, tmp_path / "volumes", mnist=mnist_dir) as job:
-        job.start()
-        status, logs = job.submit(timeout=600)
-    assert status == "SUCCEEDED", logs[-5000:]
-    sweep = Path(job.paths(settings["MNIST_STORAGE"])) / settings["MNIST_RUN_NAME"]
-    record = json.loads((sweep / "tune.json").read_text())
-    assert record["status"] == "finished" and [t["status"] for t in record["trials"]] == ["finished", "finished"], record
-    assert record["best"]["params"] == {"learning_rate": 0.05}, record["best"]
-    report = json.loads((sweep / record["best"]["name"] / "export" / "report.json").read_text())
-    assert report["verified"] is True and "verified export written to" in logs
-
-
 # An overlay that changes the settings and forgets the wiring: the RayJob keeps the base's
 # 2 workers of 2 CPUs, while the pipeline asks Ray for 3 of 2.
 # Nodes get 5 s to join instead of 30 (launcher.JOIN_WAIT_ENV): no node joins here.

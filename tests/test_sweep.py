@@ -96,7 +96,7 @@ def test_the_best_trials_config_is_the_base_with_its_values_in_the_sweeps_folder
 def test_a_sweep_of_four_trials_with_asha_in_a_bucket_records_each_and_exports_the_best(s3, tmp_path):
     """On the embedded local Ray, into the S3 test server: tune.json, each trial's run and Tune's
     state in the bucket, nothing in the working directory; run again, nothing runs; the best
-    trial exported there. (A sweep into a local folder: tests/test_cluster.py, test_rayjob.py.)"""
+    trial exported there. (A sweep into a local folder: tests/test_cluster.py.)"""
     import boto3
 
     from conftest import BUCKET

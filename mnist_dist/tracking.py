@@ -80,9 +80,9 @@ class Tracker:
             raise ConfigError("--mlflow needs the MLflow client, which is not installed. "
                               "Fix: pip install \"mnist-dist[mlflow]\", or leave out --mlflow") from None
         self.uri, self.model_name, self.log = uri, model_name, log
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         with _env(PREFLIGHT_ENV):
-            try:
+            try:  # a URI MLflow refuses outright (a file store, say) fails here already
+                self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
                 self.client.search_experiments(max_results=1)
             except Exception as exc:  # whatever the store raises: a bad URI, a refused port, a 500
                 raise ConfigError(f"--mlflow {uri}: the MLflow tracking server does not answer ({_first_line(exc)}). "
@@ -223,6 +223,12 @@ class Tracker:
         self.log(f"mlflow: registered {self.model_name} version {version} (models:/{self.model_name}/{version})")
         return version
 
+    def _version(self, model_uri: str):
+        """The model version `models:/NAME/VERSION` or `models:/NAME@ALIAS` names."""
+        name, _, rest = model_uri.removeprefix("models:/").partition("/")
+        name, _, alias = name.partition("@")
+        return self.client.get_model_version_by_alias(name, alias) if alias else self.client.get_model_version(name, rest)
+
     def fetch(self, model_uri: str, into: Path) -> Path:
         """The files of a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`), in
         `into`, checked against the fp32 SHA-256 the version was registered with."""
@@ -230,23 +236,25 @@ class Tracker:
 
         # Through this client alone: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI
         # in os.environ, for every later command of a process that uses this as a library.
-        name, _, rest = model_uri.removeprefix("models:/").partition("/")
-        name, _, alias = name.partition("@")
-        try:
-            version = (self.client.get_model_version_by_alias(name, alias) if alias
-                       else self.client.get_model_version(name, rest))
-        except Exception as exc:
-            raise ConfigError(f"--model {model_uri}: MLflow at {self.uri} cannot give it ({_first_line(exc)}). "
-                              "Fix: a registered model's version or alias, as the MLflow UI lists them") from None
-        prefix = f"runs:/{version.run_id}/"
-        if not version.source.startswith(prefix):
-            raise RunError(f"--model {model_uri}: its files are at {version.source}, not in a run's artifacts as "
-                           "`mnist-dist pipeline --mlflow` registers an export. Fix: a version that pipeline registered")
-        try:
-            local = Path(self.client.download_artifacts(version.run_id, version.source[len(prefix):], str(into)))
-        except Exception as exc:
-            raise RunError(f"--model {model_uri}: MLflow at {self.uri} cannot give its files ({_first_line(exc)}). "
-                           "Fix: check that the server reaches its artifact store, then run the same command again") from None
+        with _env(LOGGING_ENV):
+            try:
+                version = self._version(model_uri)
+                # A copy (MlflowClient.copy_model_version, a promotion) points at the version it copied.
+                source, hops = version.source, 0
+                while source.startswith("models:/") and hops < 5:
+                    source, hops = self._version(source).source, hops + 1
+            except Exception as exc:
+                raise ConfigError(f"--model {model_uri}: MLflow at {self.uri} cannot give it ({_first_line(exc)}). "
+                                  "Fix: a registered model's version or alias, as the MLflow UI lists them") from None
+            if not source.startswith("runs:/"):
+                raise RunError(f"--model {model_uri}: its files are at {source}, not in a run's artifacts as "
+                               "`mnist-dist pipeline --mlflow` registers an export. Fix: a version that pipeline registered")
+            run_id, _, path = source.removeprefix("runs:/").partition("/")
+            try:
+                local = Path(self.client.download_artifacts(run_id, path, str(into)))
+            except Exception as exc:
+                raise RunError(f"--model {model_uri}: MLflow at {self.uri} cannot give its files ({_first_line(exc)}). "
+                               "Fix: check that the server reaches its artifact store, then run the same command again") from None
         expected = version.tags.get("fp32.sha256")
         model = local / "model.onnx"
         if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != expected:

@@ -313,8 +313,13 @@ def test_a_sweep_on_the_cluster_whose_driver_is_killed_resumes_and_finishes(clus
             os.killpg(driver.pid, signal.SIGKILL)
         log.close()
     assert json.loads((storage / "s" / "tune.json").read_text())["status"] == "running"
-    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
-    out = again.stdout + again.stderr
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                             start_new_session=True)
+    try:
+        out = again.communicate(timeout=900)[0]
+    finally:
+        if again.poll() is None:  # the script's sweep driver too, not bash alone
+            os.killpg(again.pid, signal.SIGKILL)
     assert again.returncode == 0, out[-5000:]
     assert "resuming the sweep from" in out and "resumed from checkpoint_epoch" in out, out[-5000:]
     record = json.loads((storage / "s" / "tune.json").read_text())

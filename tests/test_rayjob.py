@@ -73,7 +73,6 @@ def test_the_rendered_rayjob_trains_on_its_workers_and_leaves_a_verified_export(
     assert "2 worker(s)" in logs and "verified export written to" in logs
 
 
-# A tiny sweep on overlays/tune: two 1-epoch trials of 1 worker, side by side on the 2 worker pods.
 # An overlay that changes the settings and forgets the wiring: the RayJob keeps the base's
 # 2 workers of 2 CPUs, while the pipeline asks Ray for 3 of 2.
 # Nodes get 5 s to join instead of 30 (launcher.JOIN_WAIT_ENV): no node joins here.

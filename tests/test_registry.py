@@ -35,7 +35,11 @@ def start_server(tmp_path, artifacts: str, env: dict) -> tuple[str, subprocess.P
                     return uri, server
         except OSError:
             pass
-        assert server.poll() is None and time.time() < deadline, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+        if server.poll() is not None or time.time() > deadline:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+            log.close()
+            pytest.fail("the MLflow server did not answer:\n" + (tmp_path / "mlflow-server.log").read_text()[-3000:])
         time.sleep(0.5)
 
 
@@ -224,6 +228,13 @@ def test_a_later_export_of_the_run_is_a_new_version_and_leaves_the_first_ones_fi
     assert tracker.register(Location.of(run), Location.of(tmp_path / "two"), fake_export(tmp_path / "again", b"second")) == "2"
     assert (tracker.fetch("models:/versions/1", tmp_path / "pulled-1") / "model.onnx").read_bytes() == b"first"
     assert (tracker.fetch("models:/versions/2", tmp_path / "pulled-2") / "model.onnx").read_bytes() == b"second"
+    # By an alias, and as a copy (MLflow's promotion: its source is the version it copied).
+    from mlflow import MlflowClient
+
+    MlflowClient(local_server).set_registered_model_alias("versions", "production", "2")
+    assert (tracker.fetch("models:/versions@production", tmp_path / "by-alias") / "model.onnx").read_bytes() == b"second"
+    MlflowClient(local_server).copy_model_version("models:/versions/1", "promoted")
+    assert (tracker.fetch("models:/promoted/1", tmp_path / "copied") / "model.onnx").read_bytes() == b"first"
     # Under another model name, the same export is a version of that model.
     assert tracking.Tracker(local_server, "other", log=lambda _: None).register(
         Location.of(run), Location.of(tmp_path / "one"), fake_export(tmp_path / "three", b"first")) == "1"

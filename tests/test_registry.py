@@ -284,3 +284,14 @@ def test_a_sweep_is_one_run_with_a_child_per_trial_and_is_logged_once(local_serv
     assert finished.data.metrics["test_accuracy"] == 0.69 and finished.data.params["learning_rate"] == "0.05"
     assert stopped.info.status == "KILLED" and stopped.data.metrics["best_val_accuracy"] == 0.1
     assert failed.info.status == "FAILED"  # a trial that left no folder is on record too, once
+
+
+def test_a_tracking_uri_mlflow_refuses_outright_is_one_line(tmp_path, capsys):
+    """MLflow 3 refuses a local file store (`--mlflow ./mlruns`) when the client is made."""
+    from mnist_dist import cli
+
+    code = cli.main(["predict", "--model", "models:/digits/1", "--mlflow", str(tmp_path / "mlruns"), str(tmp_path / "x.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: --mlflow {tmp_path / 'mlruns'}: ") and "Fix: " in line, line

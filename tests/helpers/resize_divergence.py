@@ -32,23 +32,10 @@ from mnist_dist.loop import Trainer, train  # noqa: E402
 from mnist_dist.sessions import DirectorySession  # noqa: E402
 from mnist_dist.store import Location  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_loop import StopsAfterStep  # noqa: E402  (dies right after its step checkpoint, as a hard kill would)
+
 EPOCHS = 5
-
-
-class StopsAt(DirectorySession):
-    """Dies right after its step checkpoint at `stop` (as a hard kill would)."""
-
-    class Died(Exception):
-        pass
-
-    def __init__(self, run, stop):
-        super().__init__(run)
-        self.stop = stop
-
-    def report(self, metrics, checkpoint_dir, name):
-        super().report(metrics, checkpoint_dir, name)
-        if metrics["global_step"] == self.stop:
-            raise self.Died(name)
 
 
 class Nudged(Trainer):
@@ -73,8 +60,8 @@ def main(mnist_dir: str) -> None:
             run = Location.of(root / name)
             for strategy, stop in plan:
                 try:
-                    train(config, StopsAt(run, stop), strategy=strategy, data=data, log=quiet)
-                except StopsAt.Died:
+                    train(config, StopsAfterStep(run, stop), strategy=strategy, data=data, log=quiet)
+                except StopsAfterStep.Died:
                     pass
             last(config, DirectorySession(run), two, data, quiet).run()
 

@@ -54,6 +54,11 @@ class TrainConfig:
     # Benchmarks only (`bench tta`): also score the test set at each eval interval. The
     # scores are recorded, never used to choose anything.
     probe_test: bool = False
+    # Knowledge distillation: a finished run (its best checkpoint) whose logits the model also
+    # learns, with weight `distill` on temperature**2 x KL at `temperature`, 1 - distill on the labels.
+    teacher: str | None = None
+    distill: float = 0.7
+    temperature: float = 3.0
 
     # What it is trained on.
     data_dir: str | None = None
@@ -116,7 +121,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         numbers = {"--lr": self.learning_rate, "--lr-decay": self.lr_decay, "--l2": self.l2, "--rotate": self.rotate,
-                   "--zoom": self.zoom, "momentum": self.momentum}
+                   "--zoom": self.zoom, "momentum": self.momentum, "--distill": self.distill, "--temperature": self.temperature}
         for flag, value in numbers.items():
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{flag} must be a finite number, got {value}")
@@ -150,6 +155,9 @@ class TrainConfig:
             (self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (0 < self.distill <= 1, f"--distill must be in (0, 1], the weight of the teacher's logits against the labels', got {self.distill}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.teacher != "", "--teacher must not be empty. Fix: the --storage/--name folder of a finished run, or leave it out"),
             (self.train_limit is None or self.train_limit >= self.global_batch_size,
              f"--train-limit {self.train_limit} is fewer images than one global batch "
              f"({self.workers} worker(s) x --batch-size {self.batch_size} = {self.global_batch_size}); "

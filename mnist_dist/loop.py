@@ -107,6 +107,22 @@ class Trainer:
         keras.utils.set_random_seed(self.config.seed)
         with self.strategy.scope():
             self.model, self.optimizer = step.build_model_and_optimizer(self.config, self.steps_per_epoch)
+            self.teacher = self.load_teacher()
+
+    def load_teacher(self):
+        """The --teacher run's best checkpoint, frozen, with its variables mirrored like the model's."""
+        if self.config.teacher is None:
+            return None
+        from mnist_dist.results import best_checkpoint
+        from mnist_dist.store import Location
+
+        location, best = best_checkpoint(Location.of(self.config.teacher))
+        teacher, state = ckpt.load_model_at(location)
+        teacher.trainable = False
+        self.say(f"teacher: {state['config']['model']} of {self.config.teacher}, epoch {best['epoch']} "
+                 f"(validation accuracy {100 * best['val_accuracy']:.2f}%); --distill {self.config.distill:g} "
+                 f"at --temperature {self.config.temperature:g}")
+        return teacher
 
     def resume(self) -> None:
         """Weights, optimizer slots, history and the place in the epoch from the session's latest
@@ -161,7 +177,8 @@ class Trainer:
                          f"{config.model} trains slightly otherwise than on a count that divides it (docs/spot.md)")
             if config.precision == "bf16" and not config.gpus_per_worker and (warning := machine.slow_bf16_warning()):
                 self.say(warning)
-        self.train_step = step.make_train_step(strategy, self.model, self.optimizer, self.global_batch, self.allreduce)
+        self.train_step = step.make_train_step(strategy, self.model, self.optimizer, self.global_batch, self.allreduce,
+                                               self.teacher, config.distill, config.temperature)
         self.worker_sum = make_worker_sum(strategy, session.world_size)
         self.evaluate = make_evaluator(self.model, strategy, session.rank, session.world_size)
         self.sync_statistics = step.make_statistics_sync(strategy, self.model)

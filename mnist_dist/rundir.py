@@ -44,10 +44,26 @@ def settle(config: TrainConfig) -> TrainConfig:
     storage = Location.of(config.storage)
     config = config.replace(name=config.name or time.strftime("mnist-%Y%m%d-%H%M%S"), storage=str(storage)).validate()
     storage.check_reachable()
+    if config.teacher is not None:
+        config = config.replace(teacher=settle_teacher(config))
     if not config.synthetic:
         from mnist_dist.data import settle_dir
         config = config.replace(data_dir=settle_dir(config.data_dir))
     return config
+
+
+def settle_teacher(config: TrainConfig) -> str:
+    """`--teacher` absolute (the workers' working directories differ), and a finished run, checked
+    before any training: the workers load its best checkpoint (mnist_dist.loop)."""
+    teacher = Location.of(config.teacher)
+    fix = "Fix: --teacher takes the --storage/--name folder (or URI) of a finished run"
+    if teacher == run_dir(config):
+        raise RunError(f"--teacher {teacher} is the run being trained. {fix}")
+    if not teacher.is_dir():
+        raise RunError(f"--teacher {teacher}: no such run folder. {fix}")
+    if not (teacher / "best.json").exists():
+        raise RunError(f"--teacher {teacher}: not a finished run (it has no best.json). {fix}, or finish this one first")
+    return str(teacher)
 
 
 def differences(saved: TrainConfig, asked: TrainConfig) -> list[tuple[str, Any, Any]]:

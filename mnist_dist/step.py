@@ -39,9 +39,24 @@ def current_lr(optimizer) -> float:
     return float(optimizer.learning_rate.numpy())
 
 
-def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: str = "fp32") -> Callable:
+def distillation_loss(labels, logits, teacher_logits, distill: float, temperature: float):
+    """Per example: (1 - distill) x cross-entropy on the labels + distill x T² x KL(teacher || student)
+    at temperature T (Hinton et al., 2015: T² keeps the soft term's gradients at the labels' scale)."""
+    import keras
+    import tensorflow as tf
+
+    hard = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    soft_teacher = tf.nn.softmax(teacher_logits / temperature)
+    soft = tf.reduce_sum(soft_teacher * (tf.nn.log_softmax(teacher_logits / temperature)
+                                         - tf.nn.log_softmax(logits / temperature)), axis=-1)
+    return (1.0 - distill) * hard + distill * temperature**2 * soft
+
+
+def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: str = "fp32", teacher=None,
+                    distill: float = 0.0, temperature: float = 1.0) -> Callable:
     """The synchronous train step: local gradients, one collective, one fused update per
-    variable (`mnist_dist.gradients`).
+    variable (`mnist_dist.gradients`). With a `teacher` (a Keras model, frozen), the loss is
+    `distillation_loss` of its logits on the same images.
 
     Returns `train_steps(chunk, steps)`: it runs the first `steps` of the batches stacked in
     `chunk` (a distributed (images, labels, weights) of shape [K, local batch, ...], from
@@ -67,8 +82,13 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
         with tf.GradientTape() as tape:
             logits, taps = exchange.forward(images, training=True)
             logits = tf.cast(logits, tf.float32)
+            if teacher is None:
+                per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            else:
+                taught = tf.stop_gradient(tf.cast(teacher(images, training=False), tf.float32))
+                per_example = distillation_loss(labels, logits, taught, distill, temperature)
             # Padding rows (weight 0) of a global batch that N does not divide add nothing.
-            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True) * weights
+            per_example = per_example * weights
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
         reported = loss + tf.nn.scale_regularization_loss(penalty())  # read before the update
         optimizer.apply_gradients(zip(exchange(tape, loss, taps), variables))

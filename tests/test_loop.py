@@ -324,3 +324,52 @@ def test_presets_build_the_optimizer_they_name():
     assert default.global_batch_size == 256
     assert isinstance(make_optimizer(default, default.learning_rate), keras.optimizers.Adam)
     assert preset("smoke").optimizer == "sgd"  # its lr 0.05 is an SGD rate
+
+
+def test_the_distillation_loss_is_the_labels_and_the_softened_teacher_weighted():
+    from mnist_dist.step import distillation_loss
+
+    labels, student, teacher = np.array([0, 1]), np.array([[2.0, 0.0], [0.5, 1.5]]), np.array([[1.0, 3.0], [0.0, 2.0]])
+    d, t = 0.7, 3.0
+
+    def log_softmax(z):
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    hard = -log_softmax(student)[[0, 1], labels]
+    q = np.exp(log_softmax(teacher / t))
+    kl = (q * (log_softmax(teacher / t) - log_softmax(student / t))).sum(-1)
+    got = distillation_loss(labels, student.astype(np.float32), teacher.astype(np.float32), d, t).numpy()
+    np.testing.assert_allclose(got, (1 - d) * hard + d * t**2 * kl, rtol=1e-5)
+
+
+@pytest.mark.parametrize("distill", [1.0, 0.5])
+def test_the_step_learns_the_teachers_logits(distill):
+    """A teacher with the student's own weights: at --distill 1 there is nothing to learn, and
+    at 0.5 the loss is half the labels' cross-entropy; another teacher moves the weights."""
+    import keras
+    import tensorflow as tf
+
+    from mnist_dist.step import build_model_and_optimizer, make_train_step
+
+    config = TrainConfig(model="lenet5", optimizer="sgd", learning_rate=0.1, l2=0.0)  # no dropout nor batch norm
+    rng = np.random.default_rng(0)
+    chunk = (tf.constant(rng.normal(size=(1, 16, 28, 28, 1)), tf.float32), tf.constant(rng.integers(0, 10, (1, 16))),
+             tf.ones([1, 16]))
+    keras.utils.set_random_seed(1)
+    model, opt = build_model_and_optimizer(config, steps_per_epoch=10)
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    other = keras.models.clone_model(model)  # freshly initialised
+    before = model.get_weights()
+    cross_entropy = float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+        chunk[1][0], model(chunk[0][0]), from_logits=True)))
+
+    _total, loss, _error = make_train_step(tf.distribute.get_strategy(), model, opt, global_batch=16, allreduce="none",
+                                           teacher=twin, distill=distill, temperature=3.0)(chunk, 1)
+    moved = max(np.abs(a - b).max() for a, b in zip(model.get_weights(), before))
+    assert float(loss) == pytest.approx((1 - distill) * cross_entropy, rel=1e-5, abs=1e-6)
+    assert (moved < 1e-7) == (distill == 1.0), moved  # rounding of two equal softmaxes, or a real step
+    if distill == 1.0:
+        make_train_step(tf.distribute.get_strategy(), model, opt, global_batch=16, allreduce="none",
+                        teacher=other, distill=distill, temperature=3.0)(chunk, 1)
+        assert max(np.abs(a - b).max() for a, b in zip(model.get_weights(), before)) > 1e-4

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,11 +86,11 @@ def test_driver_prints_rank_zero_lines_once(ray_run):
     assert "Failed to query" not in out  # the state queries that fail without the dashboard stay in Ray's logs
 
 
-def _start_training(storage, name, extra_env=None, epochs=3, model="lenet5", extra_args=()):
+def _start_training(storage, name, extra_env=None, epochs=3, model="lenet5", extra_args=(), cwd=None):
     args = [sys.executable, "-m", "mnist_dist.cli", "train", "--preset", "smoke", "--model", model, "--workers", "2", "--batch-size", "32",
             "--train-limit", "6144", "--val-size", "1000", "--epochs", str(epochs), "--eval-every", "50",
             "--storage", str(storage), "--name", name, "--max-failures", "1", *extra_args]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                             env={**os.environ, **(extra_env or {})}, start_new_session=True)
 
 
@@ -121,7 +122,7 @@ def _assert_complete_and_continuous(run_dir, epochs=3):
     assert [h["global_step"] for h in result["history"]] == [steps * e for e in range(1, epochs + 1)]
 
 
-def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):
+def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path, small_run):
     """A laptop run killed whole (driver and its local Ray) resumes from its latest checkpoint.
     A worker group restarted from a checkpoint while the driver lives: tests/test_cluster.py."""
     # With gradients summed in bfloat16, before and after the resume; the old flag name still works.
@@ -129,15 +130,21 @@ def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):
     # A step checkpoint every 10 steps: killed in epoch 2 (96 steps an epoch; 3 epochs, so that a
     # slow kill still lands mid-run), the run goes on from its last one. The kill comes as soon
     # as step 110's checkpoint is on disk (Ray's snapshot can lag by seconds on a busy machine).
-    args = ("--allreduce", "bf16", "--checkpoint-every", "10")
-    proc = _start_training(tmp_path / "runs", "resume", extra_args=args, epochs=3)
+    # Distilled from a finished run given by a path relative to the driver's working directory
+    # (the workers have others), before and after the resume.
+    shutil.copytree(small_run, tmp_path / "teacher")
+    args = ("--allreduce", "bf16", "--checkpoint-every", "10", "--teacher", "teacher")
+    proc = _start_training(tmp_path / "runs", "resume", extra_args=args, epochs=3, cwd=tmp_path)
     _wait_for_step_checkpoint_on_disk(tmp_path / "runs" / "resume", proc, 110)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=60)
+    first = proc.stdout.read()
     time.sleep(2)
-    proc = _start_training(tmp_path / "runs", "resume", extra_args=args, epochs=3)
+    proc = _start_training(tmp_path / "runs", "resume", extra_args=args, epochs=3, cwd=tmp_path)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
+    taught = f"teacher: lenet5 of {tmp_path / 'teacher'}, epoch 1 (validation accuracy"
+    assert taught in first and taught in out, (first + out)[-4000:]
     # From a step checkpoint (the last one Ray registered), or from the epoch checkpoint when the
     # kill came just after an epoch's end: either way, past step 96 and on a checkpoint's step.
     resumed = re.search(r"resumed from checkpoint_(?:step|epoch)\d+: global step (\d+), epoch (\d)( \+ (\d+) steps)?", out)
@@ -148,7 +155,7 @@ def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path):
     _assert_complete_and_continuous(tmp_path / "runs" / "resume", epochs=3)
     _assert_replicas_identical(tmp_path / "runs" / "resume", epochs=3)
     result = json.loads((tmp_path / "runs" / "resume" / "result.json").read_text())
-    assert result["config"]["allreduce"] == "bf16"
+    assert result["config"]["allreduce"] == "bf16" and result["config"]["teacher"] == str(tmp_path / "teacher")
     # Two commands, each one worker group from its start: a re-run is a start, not a failure.
     assert [(r["reason"], r["workers"]) for r in result["resizes"]] == [("start", 2), ("start", 2)]
     assert result["resizes"][1]["global_step"] == int(resumed.group(1))

@@ -218,3 +218,34 @@ def test_a_rejected_export_in_a_bucket_names_where_its_files_went(tmp_path, monk
 def test_a_saved_config_round_trips():
     config = TrainConfig(model="edge", epochs=3, augment=True, rotate=8.0)
     assert TrainConfig.from_saved(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_a_teacher_is_settled_absolute_and_must_be_a_finished_run(tmp_path, monkeypatch):
+    finished_run(tmp_path, name="big")
+    (tmp_path / "half" / "checkpoint_epoch001").mkdir(parents=True)  # a run that never finished: no best.json
+    monkeypatch.chdir(tmp_path)  # the workers have other working directories: the driver makes it absolute
+    student = preset("smoke", storage="runs", name="small", teacher="big", **SMOKE)
+    assert rundir.settle(student).teacher == str(tmp_path / "big")
+    for teacher, named in (("nope", f"--teacher {tmp_path / 'nope'}: no such run folder"),
+                           ("half", f"--teacher {tmp_path / 'half'}: not a finished run \\(it has no best.json\\)"),
+                           ("runs/small", f"--teacher {tmp_path / 'runs' / 'small'} is the run being trained")):
+        with pytest.raises(RunError, match=rf"^{named}.*Fix: --teacher takes the --storage/--name folder"):
+            rundir.settle(student.replace(teacher=teacher))
+
+
+@pytest.mark.parametrize("change, named", [({"distill": 0.0}, r"--distill must be in \(0, 1\]"),
+                                           ({"distill": 1.5}, r"--distill must be in \(0, 1\]"),
+                                           ({"temperature": 0.0}, "--temperature must be > 0"),
+                                           ({"temperature": math.nan}, "--temperature must be a finite number"),
+                                           ({"teacher": ""}, "--teacher must not be empty")])
+def test_distillation_settings_are_checked_in_one_line(change, named):
+    with pytest.raises(ConfigError, match=named):
+        TrainConfig(**change).validate()
+
+
+def test_a_re_run_may_not_change_its_teacher(tmp_path):
+    finished_run(tmp_path, name="big")
+    finished_run(tmp_path, name="other")
+    config, _run = finished_run(tmp_path, name="student", teacher=str(tmp_path / "big"))
+    with pytest.raises(RunError, match="teacher="):
+        rundir.claim(config.replace(epochs=2, teacher=str(tmp_path / "other")))

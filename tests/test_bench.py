@@ -74,12 +74,17 @@ def test_bench_infer_measures_tensorflow_and_both_onnx_models_of_several_exports
     assert first["model"] == second["model"] == "tf-tutorial"
     assert first["label"] == "tf-tutorial" and second["label"] == f"tf-tutorial ({exported['dir'].parent.name})"
     rows = [line for line in proc.stdout.splitlines() if line.startswith("tf-tutorial")]
-    assert len(rows) == 6 and sum("onnxruntime int8" in row for row in rows) == 2 and "p50 / first int8" in proc.stdout
+    assert len(rows) == 10 and sum("onnxruntime int8" in row for row in rows) == 4 and "p50 / first int8" in proc.stdout
     runtimes = first["runtimes"]
-    assert set(runtimes) == {"tensorflow", "onnxruntime fp32", "onnxruntime int8"}
+    assert set(runtimes) == {"tensorflow", "onnxruntime fp32", "onnxruntime int8", "onnxruntime fp32 .ort",
+                             "onnxruntime int8 .ort"}
     for row in runtimes.values():
         assert row["latency_us_p99"] >= row["latency_us_p50"] > 0 and row["b256_img_s_1t"] > 0
     assert runtimes["onnxruntime int8"]["size_bytes"] < runtimes["onnxruntime fp32"]["size_bytes"]
+    report = json.loads((exported["dir"] / "report.json").read_text())
+    for precision in ("fp32", "int8"):  # the .ort rows are the .ort files': their own sizes and accuracies
+        row, section = runtimes[f"onnxruntime {precision} .ort"], report["ort_format"][precision]
+        assert (row["size_bytes"], row["test_accuracy"]) == (section["size_bytes"], section["ort_accuracy"])
     profile = figures["profile"][first["label"]]
     ops = {op for op, _node, _us in profile["fp32"]}
     assert {"Gemm", "FusedGemm"} & ops and any(op.startswith("Conv") or op == "FusedConv" for op in ops), ops

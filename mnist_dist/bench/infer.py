@@ -129,19 +129,29 @@ def export_label(directory: Path, report: dict[str, Any], taken: set[str]) -> st
 
 def measure_export(directory: Path, report: dict[str, Any], iterations: int, seconds: float, thread_counts: list[int],
                    log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """TensorFlow (the export's checkpoint), ONNX Runtime fp32 and int8: one row each."""
-    from mnist_edge.runtime import FP32_FILE, INT8_FILE
+    """TensorFlow (the export's checkpoint), ONNX Runtime fp32 and int8, and their .ort twins
+    (what ORT's minimal and mobile builds load): one row each."""
+    from mnist_edge.runtime import FP32_FILE, INT8_FILE, ORT_FILES
 
     from mnist_dist.export import report_checkpoint
 
     checkpoint = report_checkpoint(report, directory)
+
+    def onnxruntime(file: str) -> Callable[[int], dict[str, Any]]:
+        return lambda threads: _onnxruntime(directory / file, threads, iterations, seconds)
+
+    runtimes = [("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4, seconds),
+                 report["fp32"]["tf_accuracy"], None)]
+    for precision, file in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+        runtimes.append((f"onnxruntime {precision}", onnxruntime(file), report[precision]["ort_accuracy"],
+                         report[precision]["size_bytes"]))
+    for precision, file in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+        if "ort_format" in report:  # exports before the .ort files had none
+            section = report["ort_format"][precision]
+            runtimes.append((f"onnxruntime {precision} .ort", onnxruntime(ORT_FILES[file]), section["ort_accuracy"],
+                             section["size_bytes"]))
     rows: dict[str, dict[str, Any]] = {}
-    for name, measure, accuracy, size in (
-            ("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4, seconds), report["fp32"]["tf_accuracy"], None),
-            ("onnxruntime fp32", lambda t: _onnxruntime(directory / FP32_FILE, t, iterations, seconds),
-             report["fp32"]["ort_accuracy"], report["fp32"]["size_bytes"]),
-            ("onnxruntime int8", lambda t: _onnxruntime(directory / INT8_FILE, t, iterations, seconds),
-             report["int8"]["ort_accuracy"], report["int8"]["size_bytes"])):
+    for name, measure, accuracy, size in runtimes:
         log(f"measuring {report['model']}: {name} ...")
         per_threads = {t: measure(t) for t in thread_counts}
         rows[name] = {"latency_us_p50": per_threads[1]["latency"]["p50"], "latency_us_p99": per_threads[1]["latency"]["p99"],

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 EDGE_LOCK = Path(__file__).resolve().parent.parent / "scripts" / "lock" / "edge-aarch64.txt"
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
-IMAGES = 100  # about 0.1 s an image for the tf-tutorial fp32 model under emulation
+IMAGES = 100  # about 0.1 s an image for the tf-tutorial fp32 model under emulation; edge's are quicker
 MAX_PROBABILITY_DIFFERENCE = 1e-5  # what aarch64's kernels may change in a probability; the argmax never
 # Two Cortex-A72 cores (a Raspberry Pi 4), as the ARM kernel prints them.
 CPUINFO = "".join(f"processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
@@ -95,15 +95,16 @@ def arm_env(userland: Path) -> dict[str, str]:
             "PYTHONNOUSERSITE": "1"}
 
 
-def test_every_exported_file_answers_on_aarch64_as_on_x86(userland, exported, mnist_dir, tmp_path):
-    """fp32 and int8, .onnx and .ort: the same argmax on every image, and probabilities within
-    MAX_PROBABILITY_DIFFERENCE of this machine's."""
+def test_every_exported_file_answers_on_aarch64_as_on_x86(userland, exported, edge_export, mnist_dir, tmp_path):
+    """The tf-tutorial and the device model (`edge`), fp32 and int8, .onnx and .ort: the same
+    argmax on every image, and probabilities within MAX_PROBABILITY_DIFFERENCE of this machine's."""
     from mnist_edge import Classifier
 
     images = idx.read(mnist_dir / "t10k-images-idx3-ubyte.gz")[:IMAGES]
     np.save(tmp_path / "images.npy", images)
-    files = ["model.onnx", "model.int8.onnx", "model.ort", "model.int8.ort"]
-    models = [str(exported["dir"] / name) for name in files]
+    exports = {"tf-tutorial": exported["dir"], "edge": edge_export}
+    files = [f"{model} {name}" for model in exports for name in ("model.onnx", "model.int8.onnx", "model.ort", "model.int8.ort")]
+    models = [str(exports[file.split()[0]] / file.split()[1]) for file in files]
     proc = subprocess.run(["qemu-aarch64-static", "-L", str(userland), str(userland / "usr/bin/python3"), "-c", PROBE,
                            str(tmp_path / "images.npy"), str(tmp_path / "aarch64.npz"), *models],
                           capture_output=True, text=True, timeout=900, env=arm_env(userland))

@@ -128,7 +128,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..18 (default 17)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| fp32 vs TensorFlow")
     parser.add_argument("--max-int8-drop", type=float, default=0.1, help="max int8 accuracy loss in percentage points")
-    parser.add_argument("--calibration-images", type=int, default=1000, help="training images used to calibrate int8")
+    parser.add_argument("--calibration-images", type=int, default=1000, help="training images used to calibrate int8 (and int4)")
+    parser.add_argument("--int4", action="store_true",
+                        help="also model.int4.onnx: 4-bit weights, about 40%% smaller than int8 and slower (export/README.md)")
+    parser.add_argument("--max-int4-drop", type=float, default=0.1, help="with --int4: max int4 accuracy loss in percentage points")
     parser.add_argument("--force", action="store_true", help="replace an existing verified export")
 
 
@@ -136,7 +139,8 @@ def export_options(args: argparse.Namespace):
     from mnist_dist.export import ExportOptions
 
     return ExportOptions(opset=args.opset, tolerance=args.tolerance, max_int8_drop_pp=args.max_int8_drop,
-                         force=args.force, calibration_images=args.calibration_images)
+                         force=args.force, calibration_images=args.calibration_images, int4=args.int4,
+                         max_int4_drop_pp=args.max_int4_drop)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

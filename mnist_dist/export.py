@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from mnist_edge.runtime import (
     FP32_FILE,
+    INT4_FILE,
     INT8_FILE,
     META_LABELS,
     META_NORMALIZATION,
@@ -34,6 +35,10 @@ from mnist_dist.store import Location, StorageError, Where
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 # What the int8 model asks of ONNX Runtime (see quantize_int8).
 INT8_SESSION = {"disabled_optimizers": ["QDQPropagationTransformer"]}
+# ONNX Runtime 1.31 has no int4 kernels: it dequantizes int4 weights on every call unless
+# told to fold them into float weights once, at load (docs/benchmarks.md has both speeds).
+INT4_SESSION = {**INT8_SESSION, "config": {"session.disable_quant_qdq": "1"}}
+INT4_OPSET = 21  # the first with 4-bit DequantizeLinear in the standard domain
 SCHEMA_VERSION = 1
 
 
@@ -48,7 +53,9 @@ class ExportOptions:
     opset: int = 17
     tolerance: float = 1e-4  # max |logit difference| fp32 vs TensorFlow
     max_int8_drop_pp: float = 0.1  # max int8 accuracy loss, percentage points
-    calibration_images: int = 1000  # training images that calibrate int8
+    calibration_images: int = 1000  # training images that calibrate int8 (and int4)
+    int4: bool = False  # also a third file with 4-bit weights
+    max_int4_drop_pp: float = 0.1  # max int4 accuracy loss, percentage points
     force: bool = False  # replace an existing verified export
 
     def validate(self) -> ExportOptions:
@@ -56,9 +63,10 @@ class ExportOptions:
         if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
             raise ExportError(f"--tolerance must be a finite number >= 0, got {self.tolerance}. "
                               "Fix: pass e.g. --tolerance 1e-4 (the default).")
-        if not (math.isfinite(self.max_int8_drop_pp) and 0 <= self.max_int8_drop_pp <= 100):
-            raise ExportError(f"--max-int8-drop must be a finite number of percentage points in [0, 100], got "
-                              f"{self.max_int8_drop_pp}. Fix: pass e.g. --max-int8-drop 0.1 (the default).")
+        for flag, value in (("--max-int8-drop", self.max_int8_drop_pp), ("--max-int4-drop", self.max_int4_drop_pp)):
+            if not (math.isfinite(value) and 0 <= value <= 100):
+                raise ExportError(f"{flag} must be a finite number of percentage points in [0, 100], got "
+                                  f"{value}. Fix: pass e.g. {flag} 0.1 (the default).")
         if self.calibration_images < 1:
             raise ExportError(f"--calibration-images must be >= 1, got {self.calibration_images}. "
                               "Fix: pass e.g. --calibration-images 1000 (the default).")
@@ -135,7 +143,7 @@ def check_output_dir(out: Location, force: bool, protected: tuple[Location, ...]
         raise ExportError(f"{out}: holds a previous verified export. Fix: pass --force to replace it, or choose another --out.")
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, work: Path) -> None:
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, work: Path, int4: bool = False) -> None:
     """Static QDQ int8 with ONNX Runtime's tools: pre-process, then calibrate on training images.
 
     Weights use 7 of their 8 bits (`reduce_range`). x86 CPUs without VNNI (AVX2, and
@@ -149,11 +157,20 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, wor
     the first max-pool and run that pool in uint8 NCHW, slowly, so the model records that
     optimizer as one to switch off (`META_SESSION`), and the edge runtime's `open_session`
     does. Figures: docs/benchmarks.md#the-int8-models-choices.
+
+    With `int4`, the weights are 4-bit (all 16 levels: ONNX Runtime dequantizes them to float,
+    so no integer sums can saturate), in opset 21's standard DequantizeLinear.
     """
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "model.prep.onnx"
+    if int4:
+        from onnx import version_converter
+
+        onnx.save(version_converter.convert_version(onnx.load(fp32_path), INT4_OPSET), prepared)
+        fp32_path = prepared
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
 
     class Reader(CalibrationDataReader):
@@ -164,12 +181,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, wor
             batch = next(self.batches, None)
             return None if batch is None else {onnx_graph.INPUT_NAME: batch}
 
-    import onnx
-
     first_conv = next((n.name for n in onnx.load(prepared).graph.node if n.op_type == "Conv"), None)
     quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=[first_conv] if first_conv else [])
+                    per_channel=True, reduce_range=not int4, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt4 if int4 else QuantType.QInt8,
+                    nodes_to_exclude=[first_conv] if first_conv else [])
     prepared.unlink()
 
 
@@ -331,6 +347,12 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
     onnx_graph.set_metadata(int8, {**metadata, META_SESSION: json.dumps(INT8_SESSION)})
     onnx.save(int8, work / INT8_FILE)
     log(f"quantized to int8 (static QDQ, per-channel, first convolution in fp32, {len(calibration)} training images for calibration)")
+    if options.int4:
+        quantize_int8(work / FP32_FILE, work / INT4_FILE, calibration, work, int4=True)
+        int4 = onnx_graph.short_names(onnx.load(work / INT4_FILE))
+        onnx_graph.set_metadata(int4, {**metadata, META_SESSION: json.dumps(INT4_SESSION)})
+        onnx.save(int4, work / INT4_FILE)
+        log(f"quantized to int4 weights (opset {INT4_OPSET}, as int8 otherwise; no .ort twin: ORT's format cannot hold int4)")
     for onnx_file, ort_file in ORT_FILES.items():
         to_ort(work / onnx_file, work / ort_file)
     write_required_operators([work / f for f in ORT_FILES.values()], work / REQUIRED_OPERATORS)
@@ -343,13 +365,16 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
     tf_accuracy = float((reference.argmax(1) == data.test_y).mean())
     sections = {}
     for name, filename in (("fp32", FP32_FILE), ("int8", INT8_FILE),
-                           ("fp32_ort", ORT_FILES[FP32_FILE]), ("int8_ort", ORT_FILES[INT8_FILE])):
+                           ("fp32_ort", ORT_FILES[FP32_FILE]), ("int8_ort", ORT_FILES[INT8_FILE]),
+                           *([("int4", INT4_FILE)] if options.int4 else [])):
         logits = ort_logits(work / filename, test_x, log=log)
         log(f"  timing {filename}: batch-1 latency and batch-256 throughput, 1 thread ...")
         sections[name] = _compare(name, logits, reference, data.test_y, work / filename, tf_accuracy)
     rules = (verification_rules(sections, options.tolerance, options.max_int8_drop_pp)
              + verification_rules({"fp32": sections["fp32_ort"], "int8": sections["int8_ort"]}, options.tolerance,
                                   options.max_int8_drop_pp, prefix="ort_"))
+    if options.int4:
+        rules.append(accuracy_drop_rule("int4", sections["int4"], options.max_int4_drop_pp))
     report = {
         "schema_version": SCHEMA_VERSION,
         "verified": all(rule["passed"] for rule in rules),
@@ -360,6 +385,7 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
         # reduced ORT build needs for them.
         "ort_format": {"fp32": sections["fp32_ort"], "int8": sections["int8_ort"],
                        "required_operators": REQUIRED_OPERATORS},
+        **({"int4": sections["int4"]} if options.int4 else {}),
         "test_images": len(data.test_y),
         "data_source": data.source,
         "model": config.model,
@@ -384,19 +410,24 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
 def verification_rules(sections: dict[str, dict[str, Any]], tolerance: float, max_int8_drop_pp: float,
                        prefix: str = "") -> list[dict[str, Any]]:
     """The rules an fp32 and an int8 file must pass against TensorFlow (rule names get `prefix`)."""
-    fp32, int8 = sections["fp32"], sections["int8"]
-    # Rounded far below one image of 10,000: in floats 0.9635 - 0.9625 is 0.1000000000000001
-    # points, and 10 images lost out of 10,000 must pass a limit of 0.1 points.
-    drop_pp = round(100 * (int8["tf_accuracy"] - int8["ort_accuracy"]), 9)
+    fp32 = sections["fp32"]
     return [{**rule, "rule": prefix + rule["rule"]} for rule in [
         {"rule": "fp32_argmax_agreement", "passed": fp32["argmax_disagreements"] == 0,
          "detail": f"{fp32['argmax_disagreements']} of the test images classified differently from TensorFlow (must be 0)"},
         {"rule": "fp32_logit_tolerance", "passed": fp32["max_abs_logit_diff"] <= tolerance,
          "detail": f"max |logit difference| {fp32['max_abs_logit_diff']:.3g} (must be <= {tolerance:g})"},
-        {"rule": "int8_accuracy_drop", "passed": drop_pp <= max_int8_drop_pp,
-         "detail": f"int8 accuracy {100 * int8['ort_accuracy']:.2f}% vs TensorFlow {100 * int8['tf_accuracy']:.2f}%: "
-                   f"drop {drop_pp:.2f} pp (must be <= {max_int8_drop_pp:g} pp)"},
+        accuracy_drop_rule("int8", sections["int8"], max_int8_drop_pp),
     ]]
+
+
+def accuracy_drop_rule(name: str, section: dict[str, Any], max_drop_pp: float) -> dict[str, Any]:
+    """A quantized file may lose at most `max_drop_pp` points of TensorFlow's test accuracy."""
+    # Rounded far below one image of 10,000: in floats 0.9635 - 0.9625 is 0.1000000000000001
+    # points, and 10 images lost out of 10,000 must pass a limit of 0.1 points.
+    drop_pp = round(100 * (section["tf_accuracy"] - section["ort_accuracy"]), 9)
+    return {"rule": f"{name}_accuracy_drop", "passed": drop_pp <= max_drop_pp,
+            "detail": f"{name} accuracy {100 * section['ort_accuracy']:.2f}% vs TensorFlow {100 * section['tf_accuracy']:.2f}%: "
+                      f"drop {drop_pp:.2f} pp (must be <= {max_drop_pp:g} pp)"}
 
 
 def publish(work: Path, out_dir: Location, verified: bool, protected: tuple[Location, ...] = ()) -> None:
@@ -407,10 +438,11 @@ def publish(work: Path, out_dir: Location, verified: bool, protected: tuple[Loca
 
 
 def sections_of(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each verified file's figures by a short name: fp32, int8, and their .ort twins."""
+    """Each verified file's figures by a short name: fp32, int8, their .ort twins, and int4 if made."""
     ort_format = report.get("ort_format", {})  # exports before the .ort files have none
     return {"fp32": report["fp32"], "int8": report["int8"],
-            **{f"{name} .ort": ort_format[name] for name in ("fp32", "int8") if name in ort_format}}
+            **{f"{name} .ort": ort_format[name] for name in ("fp32", "int8") if name in ort_format},
+            **({"int4": report["int4"]} if "int4" in report else {})}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

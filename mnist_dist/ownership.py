@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from mnist_edge.runtime import FP32_FILE, INT8_FILE, ORT_FILES, REQUIRED_OPERATORS
+from mnist_edge.runtime import FP32_FILE, INT4_FILE, INT8_FILE, ORT_FILES, REQUIRED_OPERATORS
 
 from mnist_dist.errors import MnistDistError
 from mnist_dist.store import Location
@@ -23,7 +23,7 @@ MARKER = ".mnist-dist.json"
 MADE_BY = "made_by"  # the key that claims a single JSON output file (check_file_replaceable)
 # What each kind of directory may hold, besides the marker.
 KINDS = {
-    "export": (FP32_FILE, INT8_FILE, *ORT_FILES.values(), REQUIRED_OPERATORS, "report.json", "report.md"),
+    "export": (FP32_FILE, INT8_FILE, *ORT_FILES.values(), INT4_FILE, REQUIRED_OPERATORS, "report.json", "report.md"),
     "checkpoint": ("model.keras", "state.json", "replica-*.json"),
     "report": ("report.md", "curves.png", "predictions.png", "confusion.png"),
 }

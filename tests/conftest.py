@@ -107,10 +107,10 @@ def exported(ray_run):
 
 @pytest.fixture(scope="session")
 def edge_export(tmp_path_factory, mnist_dir):
-    """A verified export of the device model (`edge`), trained for a few seconds in one process."""
+    """A verified export of the device model (`edge`) with its int4 file, trained for a few seconds in one process."""
     storage = tmp_path_factory.mktemp("edge")
     proc = run_cli("pipeline", "--in-process", "--preset", "smoke", "--model", "edge", "--storage", storage, "--name", "edge",
-                   "--max-int8-drop", "5")  # about the files, not about int8's accuracy after 2 short epochs
+                   "--int4", "--max-int8-drop", "5", "--max-int4-drop", "5")  # about the files, not the accuracy of 2 short epochs
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return storage / "edge" / "export"
 

@@ -96,14 +96,16 @@ def arm_env(userland: Path) -> dict[str, str]:
 
 
 def test_every_exported_file_answers_on_aarch64_as_on_x86(userland, exported, edge_export, mnist_dir, tmp_path):
-    """The tf-tutorial and the device model (`edge`), fp32 and int8, .onnx and .ort: the same
-    argmax on every image, and probabilities within MAX_PROBABILITY_DIFFERENCE of this machine's."""
+    """The tf-tutorial and the device model (`edge`), fp32 and int8, .onnx and .ort, and edge's
+    int4: the same argmax on every image, and probabilities within MAX_PROBABILITY_DIFFERENCE
+    of this machine's."""
     from mnist_edge import Classifier
 
     images = idx.read(mnist_dir / "t10k-images-idx3-ubyte.gz")[:IMAGES]
     np.save(tmp_path / "images.npy", images)
     exports = {"tf-tutorial": exported["dir"], "edge": edge_export}
     files = [f"{model} {name}" for model in exports for name in ("model.onnx", "model.int8.onnx", "model.ort", "model.int8.ort")]
+    files.append("edge model.int4.onnx")
     models = [str(exports[file.split()[0]] / file.split()[1]) for file in files]
     proc = subprocess.run(["qemu-aarch64-static", "-L", str(userland), str(userland / "usr/bin/python3"), "-c", PROBE,
                            str(tmp_path / "images.npy"), str(tmp_path / "aarch64.npz"), *models],

@@ -175,3 +175,26 @@ def test_the_edge_cli_runs_an_ort_file_without_tensorflow_or_onnx(exported, tmp_
         assert status == {"exit": 0, "heavy_modules": []}
         predicted = [row["label"] for row in json.loads(proc.stdout)["predictions"]]
         assert np.mean(np.array(predicted, dtype=int) == labels[:8]) >= 0.75, proc.stdout
+
+
+@pytest.mark.parametrize("flags, expect", [(("--int4", "--ort"), "the int4 model has no .ort twin"),
+                                           (("--int4", "--int8"), "--int8 and --int4 name two models")])
+def test_int4_flags_that_name_no_file_get_one_line(flags, expect, edge_export, mnist_dir):
+    proc = edge("--model", edge_export, *flags, mnist_dir / "t10k-images-idx3-ubyte.gz")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {expect}") and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 2  # the line, and the helper's own record of the imports
+
+
+def test_the_int4_model_carries_its_session_setting_and_the_runtime_applies_it(edge_export, tmp_path):
+    """With `session.disable_quant_qdq`, ONNX Runtime folds the 4-bit weights into float ones at
+    load; without it, it dequantizes every weight on every call (ORT 1.31 has no int4 kernels)."""
+    import onnxruntime as ort
+
+    from mnist_edge.runtime import open_session
+
+    int4 = edge_export / "model.int4.onnx"
+    ours = _executed_ops(open_session(int4, profile_prefix=str(tmp_path / "ours")))
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "plain")
+    plain = _executed_ops(ort.InferenceSession(str(int4), options, providers=["CPUExecutionProvider"]))
+    assert ours.count("DequantizeLinear") + 4 <= plain.count("DequantizeLinear"), (ours, plain)

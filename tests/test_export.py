@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from conftest import run_cli
+from mnist_edge import idx
 from mnist_dist import export as export_mod
 from mnist_dist import onnx_graph
 
@@ -266,3 +267,36 @@ def test_the_ort_files_keep_the_metadata_and_the_int8_session_settings(exported)
         meta = {p.key: p.value for p in onnx.load(exported["dir"] / onnx_file).metadata_props}
         session = ort.InferenceSession(str(exported["dir"] / ort_file), providers=["CPUExecutionProvider"])
         assert session.get_modelmeta().custom_metadata_map == meta, ort_file
+
+
+def test_the_int4_file_has_4_bit_weights_is_verified_and_runs_with_its_session_setting(edge_export, mnist_dir):
+    """`export --int4`: opset 21's DequantizeLinear over 4-bit weights, verified on the whole
+    test set with its own rule, and run as the file asks (weights folded to float once, at load)."""
+    import onnxruntime as ort
+    from mnist_edge import Classifier
+    from mnist_edge.runtime import session_settings
+
+    out = edge_export
+    report = json.loads((out / "report.json").read_text())
+    int4, int8 = report["int4"], report["int8"]
+    assert int4["file"] == "model.int4.onnx" and int4["size_bytes"] == (out / "model.int4.onnx").stat().st_size
+    assert all(key in int4 for key in NUMBERS)
+    assert int4["size_bytes"] < 0.7 * int8["size_bytes"]
+    assert {r["rule"]: r["passed"] for r in report["rules"]}["int4_accuracy_drop"]
+    model = onnx.load(out / "model.int4.onnx")
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 21
+    assert any(n.op_type == "DequantizeLinear" and n.domain == "" for n in model.graph.node)
+    four_bit = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(four_bit) >= 4, [t.data_type for t in model.graph.initializer]  # the three later convolutions and the dense
+    assert session_settings(out / "model.int4.onnx")["config"] == {"session.disable_quant_qdq": "1"}
+    # What the report says is what the edge runtime gets, and what a plain session gets too (only slower).
+    test = idx.read(mnist_dir / "t10k-images-idx3-ubyte.gz")
+    labels = idx.read(mnist_dir / "t10k-labels-idx1-ubyte.gz")
+    classifier = Classifier(out, int4=True)
+    assert classifier.path.name == "model.int4.onnx"
+    predicted, _ = classifier.predict(test)
+    assert float((predicted == labels).mean()) == pytest.approx(int4["ort_accuracy"], abs=1e-9)
+    plain = ort.InferenceSession(str(out / "model.int4.onnx"), providers=["CPUExecutionProvider"])
+    plain_logits = plain.run(None, {"image": classifier.normalize(test[:500])})[0]
+    assert (plain_logits.argmax(1) == predicted[:500]).mean() >= 0.99
+    assert "| int8 .ort | int4 |" in (out / "report.md").read_text()

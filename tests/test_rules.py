@@ -249,3 +249,19 @@ def test_a_re_run_may_not_change_its_teacher(tmp_path):
     config, _run = finished_run(tmp_path, name="student", teacher=str(tmp_path / "big"))
     with pytest.raises(RunError, match="teacher="):
         rundir.claim(config.replace(epochs=2, teacher=str(tmp_path / "other")))
+
+
+@pytest.mark.parametrize("change, named", [({"max_int4_drop_pp": -1.0}, "--max-int4-drop must be"),
+                                           ({"max_int4_drop_pp": math.inf}, "--max-int4-drop must be"),
+                                           ({"max_int8_drop_pp": 101.0}, "--max-int8-drop must be")])
+def test_export_thresholds_name_their_flag(change, named):
+    with pytest.raises(ExportError, match=rf"^{named} a finite number of percentage points.*Fix: pass e.g."):
+        ExportOptions(**change).validate()
+
+
+def test_the_int4_rule_counts_its_own_drop():
+    from mnist_dist.export import accuracy_drop_rule
+
+    assert accuracy_drop_rule("int4", {"tf_accuracy": 0.9635, "ort_accuracy": 0.9625}, 0.1)["passed"]
+    rule = accuracy_drop_rule("int4", {"tf_accuracy": 0.9635, "ort_accuracy": 0.9624}, 0.1)
+    assert rule["rule"] == "int4_accuracy_drop" and not rule["passed"] and "int4 accuracy 96.24%" in rule["detail"]

@@ -16,6 +16,8 @@ from mnist_edge.runtime import Classifier
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="export directory (uses model.onnx) or a .onnx or .ort file")
     parser.add_argument("--int8", action="store_true", help="with an export directory, use model.int8.onnx")
+    parser.add_argument("--int4", action="store_true",
+                        help="with an export directory, use model.int4.onnx (4-bit weights; made by `export --int4`)")
     parser.add_argument("--ort", action="store_true",
                         help="with an export directory, use the ONNX Runtime format: model.ort (model.int8.ort with --int8)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if not args.inputs:
         raise EdgeError("no inputs given. Fix: pass one or more PNG/JPEG, .npy or IDX files after the options.")
-    classifier = Classifier(args.model, int8=args.int8, threads=args.threads, ort_format=args.ort)
+    classifier = Classifier(args.model, int8=args.int8, threads=args.threads, ort_format=args.ort, int4=args.int4)
     results = []
     for batch in batches((item for path in args.inputs for item in inputs.load(path)), BATCH):
         labels, probs = classifier.predict(np.stack([image for _, image in batch]))

@@ -13,22 +13,30 @@ from mnist_edge.errors import EdgeError
 META_NORMALIZATION = "mnist_dist.normalization"
 META_LABELS = "mnist_dist.labels"
 # ONNX Runtime session settings the model needs to run at its best, as JSON, e.g.
-# {"disabled_optimizers": ["QDQPropagationTransformer"]} on the int8 model (see export).
+# {"disabled_optimizers": ["QDQPropagationTransformer"]} on the int8 model, and session
+# config entries ("config") on the int4 one (see export).
 META_SESSION = "mnist_dist.ort_session"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+# 4-bit weights (`export --int4`): no .ort twin, since ORT's format cannot hold int4 tensors.
+INT4_FILE = "model.int4.onnx"
 # The same models in the ONNX Runtime format, which ORT's minimal and mobile builds load.
 ORT_FILES = {FP32_FILE: "model.ort", INT8_FILE: "model.int8.ort"}
 # The operators of the .ort models: what a reduced ORT build takes (--include_ops_by_config).
 REQUIRED_OPERATORS = "required_operators.config"
 
 
-def resolve_model(path: str | Path, int8: bool = False, ort_format: bool = False) -> Path:
+def resolve_model(path: str | Path, int8: bool = False, ort_format: bool = False, int4: bool = False) -> Path:
     """A .onnx or .ort file, or an export directory (its model.onnx, model.int8.onnx with
-    int8, or their .ort twins with ort_format)."""
+    int8, model.int4.onnx with int4, or the .ort twins of the first two with ort_format)."""
     path = Path(path)
+    if int8 and int4:
+        raise EdgeError("--int8 and --int4 name two models. Fix: pass one of them.")
+    if int4 and ort_format:
+        raise EdgeError("the int4 model has no .ort twin: ONNX Runtime's format cannot hold 4-bit tensors. "
+                        "Fix: drop --ort to run model.int4.onnx, or pass --int8 --ort.")
     if path.is_dir():
-        name = INT8_FILE if int8 else FP32_FILE
+        name = INT4_FILE if int4 else INT8_FILE if int8 else FP32_FILE
         path = path / (ORT_FILES[name] if ort_format else name)
     if not path.is_file():
         raise EdgeError(f"{path}: model file not found. Fix: pass an export directory made by `mnist-dist export`, "
@@ -58,13 +66,17 @@ def open_session(path: str | Path, threads: int = 1, profile_prefix: str | None 
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    disabled = session_settings(path).get("disabled_optimizers", [])
+    settings = session_settings(path)
+    for key, value in settings.get("config", {}).items():
+        options.add_session_config_entry(key, value)
+    disabled = settings.get("disabled_optimizers", [])
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 class Classifier:
-    def __init__(self, model: str | Path, int8: bool = False, threads: int = 1, ort_format: bool = False):
-        self.path = resolve_model(model, int8, ort_format)
+    def __init__(self, model: str | Path, int8: bool = False, threads: int = 1, ort_format: bool = False,
+                 int4: bool = False):
+        self.path = resolve_model(model, int8, ort_format, int4)
         try:
             self.session = open_session(self.path, threads)
         except Exception as exc:  # onnxruntime raises its own opaque types for bad files

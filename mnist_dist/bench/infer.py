@@ -129,9 +129,9 @@ def export_label(directory: Path, report: dict[str, Any], taken: set[str]) -> st
 
 def measure_export(directory: Path, report: dict[str, Any], iterations: int, seconds: float, thread_counts: list[int],
                    log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """TensorFlow (the export's checkpoint), ONNX Runtime fp32 and int8, and their .ort twins
-    (what ORT's minimal and mobile builds load): one row each."""
-    from mnist_edge.runtime import FP32_FILE, INT8_FILE, ORT_FILES
+    """TensorFlow (the export's checkpoint), ONNX Runtime fp32 and int8, their .ort twins
+    (what ORT's minimal and mobile builds load), and int4 where the export has it: one row each."""
+    from mnist_edge.runtime import FP32_FILE, INT4_FILE, INT8_FILE, ORT_FILES
 
     from mnist_dist.export import report_checkpoint
 
@@ -150,6 +150,9 @@ def measure_export(directory: Path, report: dict[str, Any], iterations: int, sec
             section = report["ort_format"][precision]
             runtimes.append((f"onnxruntime {precision} .ort", onnxruntime(ORT_FILES[file]), section["ort_accuracy"],
                              section["size_bytes"]))
+    if "int4" in report:  # `export --int4`
+        runtimes.append(("onnxruntime int4", onnxruntime(INT4_FILE), report["int4"]["ort_accuracy"],
+                         report["int4"]["size_bytes"]))
     rows: dict[str, dict[str, Any]] = {}
     for name, measure, accuracy, size in runtimes:
         log(f"measuring {report['model']}: {name} ...")

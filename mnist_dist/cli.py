@@ -130,7 +130,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-int8-drop", type=float, default=0.1, help="max int8 accuracy loss in percentage points")
     parser.add_argument("--calibration-images", type=int, default=1000, help="training images used to calibrate int8 (and int4)")
     parser.add_argument("--int4", action="store_true",
-                        help="also model.int4.onnx: 4-bit weights, about 40%% smaller than int8 and slower (export/README.md)")
+                        help="also model.int4.onnx: 4-bit weights, smaller than int8 and slower (export/README.md)")
     parser.add_argument("--max-int4-drop", type=float, default=0.1, help="with --int4: max int4 accuracy loss in percentage points")
     parser.add_argument("--force", action="store_true", help="replace an existing verified export")
 

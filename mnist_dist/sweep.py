@@ -25,7 +25,7 @@ TUNE_DIR = "tune"  # Ray Tune's experiment, inside the sweep's folder
 METRIC = "val_accuracy"
 # The TrainConfig fields a sweep may vary: the recipe, not where or how big the run is.
 TUNABLE = ("model", "batch_size", "optimizer", "learning_rate", "lr_decay", "l2", "rotate", "zoom", "augment", "seed",
-           "precision")
+           "precision", "distill", "temperature")
 SAMPLERS = ("uniform", "loguniform")
 
 
@@ -112,6 +112,8 @@ def _dimension(key: str, spec: Any, names: dict[str, str], kinds: dict[str, type
     flags = ", ".join(sorted(flag for flag, f in names.items() if f in TUNABLE))
     if field_name not in TUNABLE:
         raise ConfigError(f"--space {key}: not an option a sweep can vary. Fix: one of {flags}")
+    if field_name in ("distill", "temperature") and base.teacher is None:
+        raise ConfigError(f"--space {key}: shapes distillation, which needs a teacher. Fix: add --teacher RUN (a finished run)")
     kind = kinds[field_name]
 
     def value(text: Any) -> Any:

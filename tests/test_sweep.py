@@ -30,6 +30,12 @@ def test_choices_and_ranges_from_the_command_line_and_a_yaml_file_become_fields_
     assert from_file == (sweep.Dimension("model", choices=("lenet5", "cnn-bn")),
                          sweep.Dimension("learning_rate", sampler="uniform", low=0.01, high=0.1))
     assert sweep.Sweep(from_file).to_dict()["space"] == {"model": "lenet5,cnn-bn", "learning_rate": "uniform:0.01:0.1"}
+    distilled = sweep.parse_space(["distill=0.5,0.9", "temperature=uniform:2:6"], None, NAMES, KINDS,
+                                  TrainConfig(teacher="/runs/big"))
+    assert distilled == (sweep.Dimension("distill", choices=(0.5, 0.9)),
+                         sweep.Dimension("temperature", sampler="uniform", low=2.0, high=6.0))
+    with pytest.raises(ConfigError, match=r"^--space distill=1.5: --distill must be in \(0, 1\]"):
+        sweep.parse_space(["distill=1.5"], None, NAMES, KINDS, TrainConfig(teacher="/runs/big"))
 
 
 @pytest.mark.parametrize("entries, text, message", [
@@ -48,6 +54,7 @@ def test_choices_and_ranges_from_the_command_line_and_a_yaml_file_become_fields_
     ((), "lr: [0.01", "--space-file is not YAML"),
     ((), "- lr", "--space-file must be a YAML mapping"),
     ((), "lr: {normal: [0, 1]}", "--space lr: a range is {uniform: [LOW, HIGH]} or {loguniform: [LOW, HIGH]}"),
+    (("distill=0.5,0.9",), None, "--space distill: shapes distillation, which needs a teacher. Fix: add --teacher RUN"),
 ])
 def test_a_bad_space_is_one_line_naming_the_fix(entries, text, message):
     with pytest.raises(ConfigError) as raised:

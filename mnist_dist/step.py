@@ -79,13 +79,14 @@ def make_train_step(strategy, model, optimizer, global_batch: int, allreduce: st
 
     def replica_step(images, labels, weights, index):
         images, labels, weights = images[index], labels[index], weights[index]
+        if teacher is not None:  # outside the tape: nothing flows back into the teacher
+            taught = tf.cast(teacher(images, training=False), tf.float32)
         with tf.GradientTape() as tape:
             logits, taps = exchange.forward(images, training=True)
             logits = tf.cast(logits, tf.float32)
             if teacher is None:
                 per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             else:
-                taught = tf.stop_gradient(tf.cast(teacher(images, training=False), tf.float32))
                 per_example = distillation_loss(labels, logits, taught, distill, temperature)
             # Padding rows (weight 0) of a global batch that N does not divide add nothing.
             per_example = per_example * weights

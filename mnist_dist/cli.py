@@ -89,6 +89,10 @@ def config_from_args(args: argparse.Namespace):
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, (field, _k, _h) in TRAIN_OPTIONS.items()}
     overrides.update(augment=args.augment, synthetic=args.synthetic, pin_cpus=args.pin_cpus, dashboard=args.dashboard,
                      expose_ray=args.expose_ray)
+    if overrides["teacher"] is None and (given := [f for f in ("--distill", "--temperature") if getattr(args, f[2:]) is not None]):
+        from mnist_dist.config import ConfigError
+        raise ConfigError(f"{' and '.join(given)} shape distillation, which needs a teacher. Fix: add --teacher RUN "
+                          "(a finished run), or leave them out")
     if overrides["workers"] is not None:
         overrides["min_workers"], overrides["workers"] = parse_workers(overrides["workers"])
     if args.in_process:

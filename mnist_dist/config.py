@@ -207,7 +207,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "best": {"model": "cnn-deep", "epochs": 30, "optimizer": "adam", "learning_rate": 0.001, "lr_decay": 0.92,
              "augment": True, "rotate": 10.0, "zoom": 0.1},
     # The edge model (models.edge): 40 epochs of mildly rotated and zoomed images, global
-    # batch 2 x 64; its int8 export is under 40 KB. With --teacher (a `best` run), distilled (docs/edge.md).
+    # batch 2 x 64; its int8 export is under 40 KB. With --teacher (a `best` run), distilled (export/README.md).
     "edge": {"model": "edge", "epochs": 40, "batch_size": 64, "optimizer": "adam", "learning_rate": 0.003,
              "lr_decay": 0.93, "l2": 0.0, "augment": True, "rotate": 8.0, "zoom": 0.05},
     # Seconds, not minutes: for smoke tests and trying the plumbing.

@@ -350,7 +350,7 @@ def _build(work: Path, model, state: dict[str, Any], config, data, ckpt_dir: Loc
     if options.int4:
         quantize_int8(work / FP32_FILE, work / INT4_FILE, calibration, work, int4=True)
         int4 = onnx_graph.short_names(onnx.load(work / INT4_FILE))
-        onnx_graph.set_metadata(int4, {**metadata, META_SESSION: json.dumps(INT4_SESSION)})
+        onnx_graph.set_metadata(int4, {**metadata, META_SESSION: json.dumps(INT4_SESSION), "mnist_dist.opset": str(INT4_OPSET)})
         onnx.save(int4, work / INT4_FILE)
         log(f"quantized to int4 weights (opset {INT4_OPSET}, as int8 otherwise; no .ort twin: ORT's format cannot hold int4)")
     for onnx_file, ort_file in ORT_FILES.items():

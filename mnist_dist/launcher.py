@@ -234,7 +234,10 @@ def fit(config: TrainConfig, log=print, clock: Clock | None = None, callbacks: t
     import ray
 
     run = run_dir(config)
-    Location.of(config.storage).check_shared({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    Location.of(config.storage).check_shared(hosts)
+    if config.teacher is not None:  # every worker loads it
+        Location.of(config.teacher).check_shared(hosts, flag="--teacher")
     if ray_address(config):
         check_cluster_can_hold(config, log, clock)
     trainer = DataParallelTrainer(
@@ -269,7 +272,7 @@ def fit(config: TrainConfig, log=print, clock: Clock | None = None, callbacks: t
         except ray.train.TrainingFailedError as exc:
             # A worker's write (its checkpoint's upload), or the controller's (its checkpoint snapshot).
             failures = [*getattr(exc, "worker_failures", {}).values(), getattr(exc, "controller_failure", None)]
-            fault = next((e for e in failures if rundir.is_storage_fault(e, run)), None)
+            fault = next((e for e in failures if run.failed_in(e)), None)
             if fault is None:
                 raise
             raise rundir.storage_failed(run, fault) from None

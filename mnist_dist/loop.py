@@ -110,18 +110,19 @@ class Trainer:
             self.teacher = self.load_teacher()
 
     def load_teacher(self):
-        """The --teacher run's best checkpoint, frozen, with its variables mirrored like the model's."""
+        """The --teacher checkpoint (settled by the driver), frozen, with its variables mirrored like the model's."""
         if self.config.teacher is None:
             return None
-        from mnist_dist.results import best_checkpoint
         from mnist_dist.store import Location
 
-        location, best = best_checkpoint(Location.of(self.config.teacher))
-        teacher, state = ckpt.load_model_at(location)
+        teacher, state = ckpt.load_model_at(Location.of(self.config.teacher))
         teacher.trainable = False
-        self.say(f"teacher: {state['config']['model']} of {self.config.teacher}, epoch {best['epoch']} "
-                 f"(validation accuracy {100 * best['val_accuracy']:.2f}%); --distill {self.config.distill:g} "
-                 f"at --temperature {self.config.temperature:g}")
+        self.say(f"teacher: {state['config']['model']} of {self.config.teacher} (epoch {state['epoch']}, validation accuracy "
+                 f"{100 * state['val_accuracy']:.2f}%); --distill {self.config.distill:g} at --temperature {self.config.temperature:g}")
+        if state["config"].get("precision") == "bf16" and machine.slow_bf16_warning():
+            self.say("warning: the teacher was trained with --precision bf16 and computes in it, but this CPU has neither "
+                     "AVX-512-BF16 nor AMX, so each of its forward passes is emulated, several times slower. Fix: a teacher "
+                     "trained in fp32, or workers on CPUs with AMX or AVX-512-BF16")
         return teacher
 
     def resume(self) -> None:

@@ -26,9 +26,10 @@ def run(config: TrainConfig, options: ExportOptions = ExportOptions(), export_di
         out = Location.of(export_dir) if export_dir is not None else run / "export"
         previous = published(out)
         best = basename(result["best_checkpoint"])
-        if previous is not None and basename(previous["checkpoint"]) == best:
+        if previous is not None and basename(previous["checkpoint"]) == best and ("int4" in previous or not options.int4):
             log(f"verified export of {best} already in {out}: nothing to export")
             return previous
-        # An export of an earlier best checkpoint (the run has trained on since) is replaced.
+        # An export of an earlier best checkpoint (the run has trained on since), or one without
+        # the int4 file now asked for, is replaced.
         options = ExportOptions(**{**options.__dict__, "force": options.force or previous is not None})
         return export(run=run, out=out, options=options, log=log)

@@ -221,8 +221,6 @@ class StorageFaultFilter:
         self.run = run
 
     def filter(self, record) -> bool:
-        from mnist_dist.rundir import is_storage_fault
-
         error = sys.exc_info()[1]
         return not (record.getMessage().startswith(compat.TRAIN_FN_ERROR_MESSAGE)
-                    and (is_storage_fault(error, self.run) or compat.stopped_in_report_barrier(error)))
+                    and (self.run.failed_in(error) or compat.stopped_in_report_barrier(error)))

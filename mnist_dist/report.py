@@ -176,8 +176,9 @@ def markdown(result: dict[str, Any], run_dir: Location, test_accuracy: float, ma
                   f"on all {export['test_images']} test images against TensorFlow:", "",
                   "| model | ORT accuracy | argmax disagreements | max abs logit diff | size | p50 / p99 batch 1 | batch 256 |",
                   "|---|---|---|---|---|---|---|"]
-        for name in ("fp32", "int8"):
-            s = export[name]
+        from mnist_dist.export import sections_of
+
+        for name, s in sections_of(export).items():  # fp32, int8, their .ort twins, int4
             lines.append(f"| {name} | {100 * s['ort_accuracy']:.2f}% | {s['argmax_disagreements']} | "
                          f"{s['max_abs_logit_diff']:.2e} | {s['size_bytes'] / 1e6:.2f} MB | "
                          f"{s['latency_us_p50']:.0f} / {s['latency_us_p99']:.0f} µs | {s['throughput_b256']:.0f} img/s |")

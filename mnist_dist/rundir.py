@@ -53,16 +53,25 @@ def settle(config: TrainConfig) -> TrainConfig:
 
 
 def settle_teacher(config: TrainConfig) -> str:
-    """`--teacher` absolute (the workers' working directories differ), and a finished run, checked
-    before any training: the workers load its best checkpoint (mnist_dist.loop)."""
+    """`--teacher` as the absolute location of the checkpoint the workers will load (their
+    working directories differ), checked before any training: a finished run's best checkpoint,
+    pinned here so that a resume or a restarted worker group learns from the same weights even
+    if that run trains on, or a checkpoint folder itself."""
+    from mnist_dist.checkpoint import MODEL_FILE, STATE_FILE
+    from mnist_dist.results import BEST_FILE, best_checkpoint
+
     teacher = Location.of(config.teacher)
-    fix = "Fix: --teacher takes the --storage/--name folder (or URI) of a finished run"
-    if teacher == run_dir(config):
+    fix = "Fix: --teacher takes the --storage/--name folder (or URI) of a finished run, or one of its checkpoint_* folders"
+    if run_dir(config).contains(teacher):
         raise RunError(f"--teacher {teacher} is the run being trained. {fix}")
     if not teacher.is_dir():
         raise RunError(f"--teacher {teacher}: no such run folder. {fix}")
-    if not (teacher / "best.json").exists():
-        raise RunError(f"--teacher {teacher}: not a finished run (it has no best.json). {fix}, or finish this one first")
+    if (teacher / BEST_FILE).exists():
+        teacher, _best = best_checkpoint(teacher)
+    elif not (teacher / STATE_FILE).exists():
+        raise RunError(f"--teacher {teacher}: not a finished run (it has no {BEST_FILE}). {fix}, or finish this one first")
+    if not ((teacher / STATE_FILE).exists() and (teacher / MODEL_FILE).exists()):
+        raise RunError(f"--teacher {teacher}: the checkpoint is not there whole (it needs {MODEL_FILE} and {STATE_FILE}). {fix}")
     return str(teacher)
 
 
@@ -125,12 +134,6 @@ def check_is_run_or_new(run: Location) -> None:
         raise RunError(f"{run}: holds files ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}) "
                        "but no run of mnist-dist, so nothing is written there. Fix: pass a new --name, or a --storage "
                        "folder kept for runs.")
-
-
-def is_storage_fault(error: BaseException | None, run: Location) -> bool:
-    """An error of a read or write of the run's own storage: the store's, or an OS error
-    (pyarrow's are OSErrors too) that names a place in the run."""
-    return isinstance(error, (StorageError, OSError)) and run.named_in(error)
 
 
 class StorageFailedMidRun(StorageError):

@@ -127,6 +127,11 @@ class Location:
             raise StorageError(f"{self.uri}: {doing} failed ({reason}). {FOLDER_FIX if self._local else BUCKET_FIX}",
                                reason) from None
 
+    def failed_in(self, error: BaseException | None) -> bool:
+        """Whether `error` is of a read or write here: the store's, or an OS error (pyarrow's are
+        OSErrors too) that names this place or one below it."""
+        return isinstance(error, (StorageError, OSError)) and self.named_in(error)
+
     def named_in(self, error: BaseException) -> bool:
         """Whether an error is about this location or a place below it: an OSError's filename,
         or the message (a StorageError's names its location; pyarrow's name the path, or for a
@@ -399,7 +404,7 @@ class Location:
                     raise RunError(f"{self.uri}: bucket {bucket} does not exist. Fix: create it, or pass the right bucket. "
                                    + BUCKET_FIX[5:])
 
-    def check_shared(self, node_hosts: set[str], mounts: str | None = None) -> None:
+    def check_shared(self, node_hosts: set[str], mounts: str | None = None, flag: str = "--storage") -> None:
         """Refuse a folder on one node's own disk when the cluster spans several hosts.
 
         Ray Train fails only when a worker on another host reports its first checkpoint, after
@@ -411,9 +416,10 @@ class Location:
         if kind in SHARED_FILESYSTEMS or kind.startswith("fuse"):
             return
         hosts = ", ".join(sorted(node_hosts)[:3]) + (", ..." if len(node_hosts) > 3 else "")
-        raise RunError(f"--storage {self.uri} is on this node's own {kind} filesystem, but the cluster's nodes are on "
-                       f"{len(node_hosts)} hosts ({hosts}): workers elsewhere cannot write their checkpoints there. "
-                       "Fix: an NFS path mounted on every node, or a URI (--storage s3://BUCKET/runs, gs://...).")
+        doing = "write their checkpoints there" if flag == "--storage" else "read it"
+        raise RunError(f"{flag} {self.uri} is on this node's own {kind} filesystem, but the cluster's nodes are on "
+                       f"{len(node_hosts)} hosts ({hosts}): workers elsewhere cannot {doing}. "
+                       f"Fix: an NFS path mounted on every node, or a URI ({flag} s3://BUCKET/runs/..., gs://...).")
 
 
 # What a user or a caller may name a location by: a path, a URI, or a Location already made.

@@ -196,7 +196,8 @@ class Tracker:
             return None
         state = self._state(run)
         digest = report["fp32"]["sha256"]
-        key = f"{self.model_name}@{digest}"
+        # The same model.onnx re-exported with its int4 file is another set of files to ship.
+        key = f"{self.model_name}@{digest}" + (f"+{report['int4']['sha256']}" if "int4" in report else "")
         if key in state.get("versions", {}):
             version = state["versions"][key]
             self.log(f"mlflow: this export is already {self.model_name} version {version}")
@@ -205,7 +206,7 @@ class Tracker:
         state = self._state(run)
         # Each export in a folder of its own: a later export of the run (trained on) must not
         # replace the files of a version already registered.
-        folder = f"export/{digest[:12]}"
+        folder = f"export/{digest[:12]}" + ("-int4" if "int4" in report else "")
         with export_dir.local_copy() as local:
             self.client.log_artifacts(run_id, str(local), artifact_path=folder)
             description = (local / "report.md").read_text() if (local / "report.md").exists() else ""
@@ -255,11 +256,17 @@ class Tracker:
             except Exception as exc:
                 raise RunError(f"--model {model_uri}: MLflow at {self.uri} cannot give its files ({_first_line(exc)}). "
                                "Fix: check that the server reaches its artifact store, then run the same command again") from None
-        expected = version.tags.get("fp32.sha256")
-        model = local / "model.onnx"
-        if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != expected:
-            raise RunError(f"--model {model_uri}: the files MLflow gave are not the export registered as that version "
-                           "(model.onnx missing, or not the SHA-256 of its tag fp32.sha256). Fix: register the export again")
+        from mnist_edge.runtime import FP32_FILE, INT4_FILE, INT8_FILE
+
+        # Every model file the version has a digest tag for is the one registered.
+        for precision, file in (("fp32", FP32_FILE), ("int8", INT8_FILE), ("int4", INT4_FILE)):
+            expected = version.tags.get(f"{precision}.sha256")
+            if precision != "fp32" and expected is None:
+                continue  # registered before it was tagged, or an export without int4
+            model = local / file
+            if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != expected:
+                raise RunError(f"--model {model_uri}: the files MLflow gave are not the export registered as that version "
+                               f"({file} missing, or not the SHA-256 of its tag {precision}.sha256). Fix: register the export again")
         return local
 
 
@@ -267,7 +274,7 @@ def verification_tags(report: dict[str, Any]) -> dict[str, str]:
     """The figures a device owner checks before shipping, as the version's tags."""
     tags = {"verified": "true", "checkpoint": report["checkpoint"], "model": report["model"],
             "test_images": str(report["test_images"])}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "int8", *(["int4"] if "int4" in report else [])):
         figures = report[precision]
         tags |= {f"{precision}.test_accuracy": f"{figures['ort_accuracy']:.4f}", f"{precision}.sha256": figures["sha256"],
                  f"{precision}.size_bytes": str(figures["size_bytes"]),

@@ -47,7 +47,7 @@ def _train_in_process(config: TrainConfig, log, clock: Clock) -> dict[str, Any]:
         final = train(config, DirectorySession(run), log=log, clock=clock)
     except (OSError, StorageError) as exc:
         # A write of the run's (its checkpoints, progress, events) that failed: one line.
-        if rundir.is_storage_fault(exc, run):
+        if run.failed_in(exc):
             raise rundir.storage_failed(run, exc) from None
         raise
     history = final["history"]

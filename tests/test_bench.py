@@ -63,13 +63,18 @@ def test_bench_train_compares_plain_fit_step_ray_and_the_peers(tmp_path, peer_py
 
 
 @pytest.mark.slow  # trains, starts Ray or exports
-def test_bench_infer_measures_tensorflow_and_both_onnx_models_of_several_exports(exported, tmp_path):
+def test_bench_infer_measures_tensorflow_and_both_onnx_models_of_several_exports(exported, edge_export, tmp_path):
     out = tmp_path / "infer.json"
-    proc = run_cli("bench", "infer", "--export", exported["dir"], "--run", exported["dir"].parent,
+    proc = run_cli("bench", "infer", "--export", exported["dir"], "--export", edge_export, "--run", exported["dir"].parent,
                    "--iterations", "10", "--seconds", "0.2", "--profile", "--json", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
-    first, second = figures["exports"]
+    first, edge, second = figures["exports"]
+    # The device model's export has an int4 file too: timed, with its own size and accuracy.
+    edge_report = json.loads((edge_export / "report.json").read_text())
+    assert edge["model"] == "edge" and edge["runtimes"]["onnxruntime int4"]["size_bytes"] == edge_report["int4"]["size_bytes"]
+    assert edge["runtimes"]["onnxruntime int4"]["test_accuracy"] == edge_report["int4"]["ort_accuracy"]
+    assert "onnxruntime int4" not in first["runtimes"]
     # The same export twice, side by side: told apart by the run's name.
     assert first["model"] == second["model"] == "tf-tutorial"
     assert first["label"] == "tf-tutorial" and second["label"] == f"tf-tutorial ({exported['dir'].parent.name})"

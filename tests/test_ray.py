@@ -143,7 +143,7 @@ def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path, sm
     proc = _start_training(tmp_path / "runs", "resume", extra_args=args, epochs=3, cwd=tmp_path)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
-    taught = f"teacher: lenet5 of {tmp_path / 'teacher'}, epoch 1 (validation accuracy"
+    taught = f"teacher: lenet5 of {tmp_path / 'teacher' / 'checkpoint_epoch001'} (epoch 1, validation accuracy"
     assert taught in first and taught in out, (first + out)[-4000:]
     # From a step checkpoint (the last one Ray registered), or from the epoch checkpoint when the
     # kill came just after an epoch's end: either way, past step 96 and on a checkpoint's step.
@@ -155,7 +155,7 @@ def test_rerun_after_driver_killed_resumes_instead_of_starting_over(tmp_path, sm
     _assert_complete_and_continuous(tmp_path / "runs" / "resume", epochs=3)
     _assert_replicas_identical(tmp_path / "runs" / "resume", epochs=3)
     result = json.loads((tmp_path / "runs" / "resume" / "result.json").read_text())
-    assert result["config"]["allreduce"] == "bf16" and result["config"]["teacher"] == str(tmp_path / "teacher")
+    assert result["config"]["allreduce"] == "bf16" and result["config"]["teacher"] == str(tmp_path / "teacher" / "checkpoint_epoch001")
     # Two commands, each one worker group from its start: a re-run is a start, not a failure.
     assert [(r["reason"], r["workers"]) for r in result["resizes"]] == [("start", 2), ("start", 2)]
     assert result["resizes"][1]["global_step"] == int(resumed.group(1))

@@ -184,6 +184,9 @@ def test_the_verification_figures_become_the_versions_tags():
     assert tags["int8.test_accuracy"] == "0.9877" and tags["fp32.sha256"] == "fp32" * 4 and tags["int8.size_bytes"] == "1234"
     assert tags["rule.fp32_logit_tolerance"].startswith("max |logit difference|")
     assert all(isinstance(v, str) for v in tags.values())  # MLflow's tags are strings
+    assert not any(key.startswith("int4.") for key in tags)
+    with_int4 = verification_tags({**report, "int4": {**report["int8"], "sha256": "int4" * 4, "size_bytes": 777}})
+    assert with_int4["int4.sha256"] == "int4" * 4 and with_int4["int4.size_bytes"] == "777"  # what fetch checks it by
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_report_of_a_real_run_with_baselines_and_export(ray_run, exported):
     assert f"**Test accuracy {100 * result['test_accuracy']:.2f}%**" in text
     assert f"epoch {result['best_epoch']}, chosen because it has the highest validation accuracy" in text
     for needle in ("![training curves](curves.png)", "![test predictions](predictions.png)", "| logreg | 7,850 |",
-                   "## Export", "| fp32 |", "| int8 |", '"model": "tf-tutorial"', "machine: ", "keras 3."):
+                   "## Export", "| fp32 |", "| int8 |", "| fp32 .ort |", "| int8 .ort |", '"model": "tf-tutorial"', "machine: ", "keras 3."):
         assert needle in text, needle
     epoch_rows = [line for line in text.splitlines() if line.startswith(("| 1 ", "| 2 ", "| 3 "))]
     assert len(epoch_rows) == len(result["history"]) == 2

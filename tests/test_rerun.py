@@ -66,3 +66,14 @@ def test_a_copied_run_exports_from_its_own_files(finished, tmp_path):
         assert f"from {copy / 'checkpoint_epoch001'}" in proc.stdout
     finally:
         shutil.move(str(tmp_path / "original-moved-away"), finished / "again")
+
+
+def test_a_finished_pipeline_asked_for_int4_re_exports_once(finished):
+    """The export of the best checkpoint is there, without the int4 file now asked for: the run is
+    exported again (nothing trained), and the next same command has nothing to do."""
+    proc = pipeline(finished, "--int4", "--max-int4-drop", "5")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "nothing to train" in proc.stdout and "quantized to int4 weights" in proc.stdout
+    assert "int4" in json.loads((finished / "again" / "export" / "report.json").read_text())
+    again = pipeline(finished, "--int4", "--max-int4-drop", "5")
+    assert again.returncode == 0 and "nothing to export" in again.stdout, again.stdout[-2000:]

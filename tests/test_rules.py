@@ -220,15 +220,26 @@ def test_a_saved_config_round_trips():
     assert TrainConfig.from_saved(json.loads(json.dumps(config.to_dict()))) == config
 
 
-def test_a_teacher_is_settled_absolute_and_must_be_a_finished_run(tmp_path, monkeypatch):
-    finished_run(tmp_path, name="big")
+def with_checkpoint_files(run):
+    for name in ("model.keras", "state.json"):
+        (run / "checkpoint_epoch001" / name).write_json({})
+
+
+def test_a_teacher_is_settled_to_its_best_checkpoint_absolute_and_must_be_whole(tmp_path, monkeypatch):
+    _config, big = finished_run(tmp_path, name="big")
+    with_checkpoint_files(big)
     (tmp_path / "half" / "checkpoint_epoch001").mkdir(parents=True)  # a run that never finished: no best.json
+    _config, pruned = finished_run(tmp_path, name="pruned")  # best.json names a checkpoint without its files
     monkeypatch.chdir(tmp_path)  # the workers have other working directories: the driver makes it absolute
     student = preset("smoke", storage="runs", name="small", teacher="big", **SMOKE)
-    assert rundir.settle(student).teacher == str(tmp_path / "big")
+    # Pinned to the checkpoint: a resume learns from the same weights even if the teacher trains on.
+    assert rundir.settle(student).teacher == str(tmp_path / "big" / "checkpoint_epoch001")
+    assert rundir.settle(student.replace(teacher="big/checkpoint_epoch001")).teacher == str(big / "checkpoint_epoch001")
     for teacher, named in (("nope", f"--teacher {tmp_path / 'nope'}: no such run folder"),
                            ("half", f"--teacher {tmp_path / 'half'}: not a finished run \\(it has no best.json\\)"),
-                           ("runs/small", f"--teacher {tmp_path / 'runs' / 'small'} is the run being trained")):
+                           ("pruned", f"--teacher {tmp_path / 'pruned' / 'checkpoint_epoch001'}: the checkpoint is not there whole"),
+                           ("runs/small", f"--teacher {tmp_path / 'runs' / 'small'} is the run being trained"),
+                           ("runs/small/checkpoint_epoch001", "--teacher .* is the run being trained")):
         with pytest.raises(RunError, match=rf"^{named}.*Fix: --teacher takes the --storage/--name folder"):
             rundir.settle(student.replace(teacher=teacher))
 
@@ -244,8 +255,8 @@ def test_distillation_settings_are_checked_in_one_line(change, named):
 
 
 def test_a_re_run_may_not_change_its_teacher(tmp_path):
-    finished_run(tmp_path, name="big")
-    finished_run(tmp_path, name="other")
+    with_checkpoint_files(finished_run(tmp_path, name="big")[1])
+    with_checkpoint_files(finished_run(tmp_path, name="other")[1])
     config, _run = finished_run(tmp_path, name="student", teacher=str(tmp_path / "big"))
     with pytest.raises(RunError, match="teacher="):
         rundir.claim(config.replace(epochs=2, teacher=str(tmp_path / "other")))
@@ -265,3 +276,14 @@ def test_the_int4_rule_counts_its_own_drop():
     assert accuracy_drop_rule("int4", {"tf_accuracy": 0.9635, "ort_accuracy": 0.9625}, 0.1)["passed"]
     rule = accuracy_drop_rule("int4", {"tf_accuracy": 0.9635, "ort_accuracy": 0.9624}, 0.1)
     assert rule["rule"] == "int4_accuracy_drop" and not rule["passed"] and "int4 accuracy 96.24%" in rule["detail"]
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline", "tune"])
+def test_distillation_settings_without_a_teacher_are_refused_in_one_line(command):
+    from mnist_dist.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args([command, "--distill", "0.9", "--temperature", "4"])
+    with pytest.raises(ConfigError, match=r"^--distill and --temperature shape distillation, which needs a teacher. Fix: add --teacher"):
+        config_from_args(args)
+    args = build_parser().parse_args([command, "--teacher", "runs/big", "--distill", "0.9"])
+    assert (config_from_args(args).distill, config_from_args(args).temperature) == (0.9, 3.0)

@@ -198,6 +198,9 @@ def test_node_local_storage_is_refused_only_when_the_cluster_spans_several_hosts
         Location.of("/home/me/runs").check_shared(two_hosts, mounts)
     with pytest.raises(RunError, match="own .* filesystem"):  # this machine's own mounts
         Location.of(tmp_path).check_shared(two_hosts)
+    with pytest.raises(RunError, match=r"^--teacher /home/me/runs/big/checkpoint_epoch020 is on this node's own ext4 "
+                                       r"filesystem.*workers elsewhere cannot read it. Fix: .* \(--teacher s3://"):
+        Location.of("/home/me/runs/big/checkpoint_epoch020").check_shared(two_hosts, mounts, flag="--teacher")
 
 
 def test_a_mirror_puts_local_files_into_its_location(root):

@@ -39,6 +39,9 @@ def resolve_model(path: str | Path, int8: bool = False, ort_format: bool = False
         name = INT4_FILE if int4 else INT8_FILE if int8 else FP32_FILE
         path = path / (ORT_FILES[name] if ort_format else name)
     if not path.is_file():
+        if int4 and path.parent.is_dir() and path.name == INT4_FILE:
+            raise EdgeError(f"{path}: this export has no int4 model. Fix: export it with `mnist-dist export --int4`, "
+                            "or drop --int4.")
         raise EdgeError(f"{path}: model file not found. Fix: pass an export directory made by `mnist-dist export`, "
                         "or a .onnx or .ort file.")
     return path

@@ -49,8 +49,8 @@ TRAIN_OPTIONS = {
     "--eval-every": ("eval_every", int, "steps between progress lines"),
     "--steps-per-execution": ("steps_per_execution", int, "train steps per tf.function call, as in Keras (default 10)"),
     "--teacher": ("teacher", str, "distil from this finished run's best checkpoint: its folder (STORAGE/NAME) or URI"),
-    "--distill": ("distill", float, "with --teacher: weight of the teacher's softened logits; 1 - this on the labels (default 0.7)"),
-    "--temperature": ("temperature", float, "with --teacher: softmax temperature of the distillation (default 3)"),
+    "--distill": ("distill", float, "with --teacher: weight of the teacher's softened logits; 1 - this on the labels (default 0.9)"),
+    "--temperature": ("temperature", float, "with --teacher: softmax temperature of the distillation (default 4)"),
     "--data-dir": ("data_dir", str, "folder with the MNIST IDX files (else $MNIST_DATA_DIR, else the cache)"),
     "--val-size": ("val_size", int, "first N training images held out for validation (default 5000)"),
     "--train-limit": ("train_limit", int, "train on the first N remaining images only"),
@@ -135,7 +135,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-images", type=int, default=1000, help="training images used to calibrate int8 (and int4)")
     parser.add_argument("--int4", action="store_true",
                         help="also model.int4.onnx: 4-bit weights, smaller than int8 and slower (export/README.md)")
-    parser.add_argument("--max-int4-drop", type=float, default=0.1, help="with --int4: max int4 accuracy loss in percentage points")
+    parser.add_argument("--max-int4-drop", type=float, default=0.2, help="with --int4: max int4 accuracy loss in percentage points (default 0.2)")
     parser.add_argument("--force", action="store_true", help="replace an existing verified export")
 
 

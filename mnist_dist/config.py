@@ -55,10 +55,11 @@ class TrainConfig:
     # scores are recorded, never used to choose anything.
     probe_test: bool = False
     # Knowledge distillation: a finished run (its best checkpoint) whose logits the model also
-    # learns, with weight `distill` on temperature**2 x KL at `temperature`, 1 - distill on the labels.
+    # learns, with weight `distill` on temperature**2 x KL at `temperature`, 1 - distill on the
+    # labels; the defaults are the edge model's (docs/benchmarks.md).
     teacher: str | None = None
-    distill: float = 0.7
-    temperature: float = 3.0
+    distill: float = 0.9
+    temperature: float = 4.0
 
     # What it is trained on.
     data_dir: str | None = None

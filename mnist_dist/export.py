@@ -55,7 +55,9 @@ class ExportOptions:
     max_int8_drop_pp: float = 0.1  # max int8 accuracy loss, percentage points
     calibration_images: int = 1000  # training images that calibrate int8 (and int4)
     int4: bool = False  # also a third file with 4-bit weights
-    max_int4_drop_pp: float = 0.1  # max int4 accuracy loss, percentage points
+    # 4-bit weights lose a little more than int8's; an opt-in file must not reject an export
+    # whose int8 file passes by a margin of a few images (docs/benchmarks.md has the drops).
+    max_int4_drop_pp: float = 0.2  # max int4 accuracy loss, percentage points
     force: bool = False  # replace an existing verified export
 
     def validate(self) -> ExportOptions:
@@ -63,10 +65,12 @@ class ExportOptions:
         if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
             raise ExportError(f"--tolerance must be a finite number >= 0, got {self.tolerance}. "
                               "Fix: pass e.g. --tolerance 1e-4 (the default).")
-        for flag, value in (("--max-int8-drop", self.max_int8_drop_pp), ("--max-int4-drop", self.max_int4_drop_pp)):
+        defaults = ExportOptions()
+        for flag, value, default in (("--max-int8-drop", self.max_int8_drop_pp, defaults.max_int8_drop_pp),
+                                     ("--max-int4-drop", self.max_int4_drop_pp, defaults.max_int4_drop_pp)):
             if not (math.isfinite(value) and 0 <= value <= 100):
                 raise ExportError(f"{flag} must be a finite number of percentage points in [0, 100], got "
-                                  f"{value}. Fix: pass e.g. {flag} 0.1 (the default).")
+                                  f"{value}. Fix: pass e.g. {flag} {default:g} (the default).")
         if self.calibration_images < 1:
             raise ExportError(f"--calibration-images must be >= 1, got {self.calibration_images}. "
                               "Fix: pass e.g. --calibration-images 1000 (the default).")

@@ -266,7 +266,8 @@ def test_a_re_run_may_not_change_its_teacher(tmp_path):
                                            ({"max_int4_drop_pp": math.inf}, "--max-int4-drop must be"),
                                            ({"max_int8_drop_pp": 101.0}, "--max-int8-drop must be")])
 def test_export_thresholds_name_their_flag(change, named):
-    with pytest.raises(ExportError, match=rf"^{named} a finite number of percentage points.*Fix: pass e.g."):
+    default = "0.2" if "int4" in named else "0.1"
+    with pytest.raises(ExportError, match=rf"^{named} a finite number of percentage points.*Fix: pass e.g. \S+ {default} \(the default\)"):
         ExportOptions(**change).validate()
 
 
@@ -285,5 +286,5 @@ def test_distillation_settings_without_a_teacher_are_refused_in_one_line(command
     args = build_parser().parse_args([command, "--distill", "0.9", "--temperature", "4"])
     with pytest.raises(ConfigError, match=r"^--distill and --temperature shape distillation, which needs a teacher. Fix: add --teacher"):
         config_from_args(args)
-    args = build_parser().parse_args([command, "--teacher", "runs/big", "--distill", "0.9"])
-    assert (config_from_args(args).distill, config_from_args(args).temperature) == (0.9, 3.0)
+    args = build_parser().parse_args([command, "--teacher", "runs/big", "--distill", "0.5"])
+    assert (config_from_args(args).distill, config_from_args(args).temperature) == (0.5, 4.0)  # the default temperature

@@ -207,6 +207,7 @@ def fake_export(folder, model: bytes):
 
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(model)
+    (folder / "model.int8.onnx").write_bytes(model)  # the same figures (and digest) as model.onnx, below
     (folder / "report.md").write_text(f"# export of {model!r}\n")
     figures = {"ort_accuracy": 0.99, "sha256": hashlib.sha256(model).hexdigest(), "size_bytes": len(model),
                "argmax_disagreements": 0, "max_abs_logit_diff": 1e-6}

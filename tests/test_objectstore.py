@@ -172,6 +172,13 @@ def test_in_process_training_writes_its_run_into_the_bucket(s3, tmp_path):
         assert f"local/one/{key}" in names, names
     assert any(n.startswith("local/one/tensorboard/events.out.tfevents.") for n in names), names
     assert list(tmp_path.iterdir()) == []
+    # A teacher in the bucket: pinned to its best checkpoint there, read from there.
+    proc = run_cli("train", "--in-process", "--preset", "smoke", "--storage", f"s3://{BUCKET}/local", "--name", "student",
+                   "--teacher", f"s3://{BUCKET}/local/one", "--train-limit", "1024", "--epochs", "1", env=s3[1], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"teacher: lenet5 of s3://{BUCKET}/local/one/checkpoint_epoch001 (epoch 1" in proc.stdout
+    assert read("local/student/config.json")["teacher"] == f"s3://{BUCKET}/local/one/checkpoint_epoch001"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

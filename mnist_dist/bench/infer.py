@@ -131,9 +131,7 @@ def measure_export(directory: Path, report: dict[str, Any], iterations: int, sec
                    log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """TensorFlow (the export's checkpoint), ONNX Runtime fp32 and int8, their .ort twins
     (what ORT's minimal and mobile builds load), and int4 where the export has it: one row each."""
-    from mnist_edge.runtime import FP32_FILE, INT4_FILE, INT8_FILE, ORT_FILES
-
-    from mnist_dist.export import report_checkpoint
+    from mnist_dist.export import report_checkpoint, sections_of
 
     checkpoint = report_checkpoint(report, directory)
 
@@ -142,17 +140,8 @@ def measure_export(directory: Path, report: dict[str, Any], iterations: int, sec
 
     runtimes = [("tensorflow", lambda t: _tf_in_subprocess(str(checkpoint), t, iterations // 4, seconds),
                  report["fp32"]["tf_accuracy"], None)]
-    for precision, file in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
-        runtimes.append((f"onnxruntime {precision}", onnxruntime(file), report[precision]["ort_accuracy"],
-                         report[precision]["size_bytes"]))
-    for precision, file in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
-        if "ort_format" in report:  # exports before the .ort files had none
-            section = report["ort_format"][precision]
-            runtimes.append((f"onnxruntime {precision} .ort", onnxruntime(ORT_FILES[file]), section["ort_accuracy"],
-                             section["size_bytes"]))
-    if "int4" in report:  # `export --int4`
-        runtimes.append(("onnxruntime int4", onnxruntime(INT4_FILE), report["int4"]["ort_accuracy"],
-                         report["int4"]["size_bytes"]))
+    runtimes += [(f"onnxruntime {name}", onnxruntime(section["file"]), section["ort_accuracy"], section["size_bytes"])
+                 for name, section in sections_of(report).items()]  # every verified file the export has
     rows: dict[str, dict[str, Any]] = {}
     for name, measure, accuracy, size in runtimes:
         log(f"measuring {report['model']}: {name} ...")
